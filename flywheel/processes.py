@@ -1,0 +1,213 @@
+"""Start and stop the servers of the embedded default (MLflow, Prefect) as child processes on 127.0.0.1.
+
+Each child gets its own process group so that stopping it also stops the workers it spawned; we only ever
+signal process groups we started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+QUIET_ENV = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+
+
+class ServerStartError(RuntimeError):
+    """A server did not come up: port taken, crashed on start, or not healthy in time."""
+
+
+def apply_quiet_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Telemetry off and generous start-up timeouts (the machines have no network but the registries)."""
+    target = os.environ if env is None else env
+    for key, value in QUIET_ENV.items():
+        target.setdefault(key, value)
+    return dict(target)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def bin_path(name: str) -> str:
+    """A console script of this environment (mlflow, prefect), next to the running interpreter."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    proc: subprocess.Popen
+    url: str
+    log_path: Path
+    health_path: str = "/"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def healthy(self, timeout: float = 2.0) -> bool:
+        try:
+            return httpx.get(self.url + self.health_path, timeout=timeout).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGINT, then SIGTERM, then SIGKILL to the child's own process group."""
+        if self.proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGINT, timeout / 2), (signal.SIGTERM, timeout / 2), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def spawn(
+    name: str,
+    cmd: list[str],
+    *,
+    url: str,
+    log_path: Path,
+    health_path: str,
+    env: Mapping[str, str | None] | None = None,
+    cwd: Path | None = None,
+) -> ManagedProcess:
+    """Start a child in its own process group, output to log_path; an env value of None unsets that variable."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    full_env = apply_quiet_env(dict(os.environ))
+    for key, value in (env or {}).items():
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = value
+    log = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd, start_new_session=True
+    )
+    log.close()
+    return ManagedProcess(name, proc, url, log_path, health_path)
+
+
+def wait_healthy(mp: ManagedProcess, timeout: float = 120.0) -> ManagedProcess:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not mp.alive():
+            raise ServerStartError(
+                f"{mp.name} exited with code {mp.proc.returncode} while starting (log {mp.log_path}):\n{mp.log_tail()}"
+            )
+        if mp.healthy():
+            return mp
+        time.sleep(0.3)
+    mp.stop()
+    raise ServerStartError(f"{mp.name} was not healthy at {mp.url} after {timeout:.0f}s (log {mp.log_path}):\n{mp.log_tail()}")
+
+
+def _check_port(name: str, host: str, port: int) -> None:
+    if port_in_use(host, port):
+        raise ServerStartError(f"cannot start {name}: port {port} on {host} is already in use (choose another port)")
+
+
+def mlflow_server_env(state_dir: Path, webhook_key: str | None = None) -> dict[str, str]:
+    """Server-side settings: webhooks to a loopback receiver allowed, a fixed encryption key for their secrets."""
+    env = {
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+        "MLFLOW_WEBHOOK_CACHE_TTL": "2",
+    }
+    if webhook_key:
+        env["MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"] = webhook_key
+    return env
+
+
+def load_or_create_fernet_key(state_dir: Path) -> str:
+    """The MLflow server's key for encrypting webhook secrets; fixed across restarts, owner-only."""
+    from cryptography.fernet import Fernet
+
+    path = state_dir / "mlflow_webhook_encryption.key"
+    if path.exists():
+        return path.read_text().strip()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    key = Fernet.generate_key().decode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key)
+    return key
+
+
+def start_mlflow(
+    *,
+    host: str,
+    port: int,
+    backend_store_uri: str,
+    artifacts_destination: str,
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120.0,
+) -> ManagedProcess:
+    _check_port("the MLflow server", host, port)
+    cmd = [
+        bin_path("mlflow"), "server", "--host", host, "--port", str(port),
+        "--backend-store-uri", backend_store_uri, "--artifacts-destination", artifacts_destination,
+        "--workers", "1",
+    ]  # fmt: skip
+    mp = spawn("mlflow", cmd, url=f"http://{host}:{port}", log_path=log_path, health_path="/health", env=env)
+    return wait_healthy(mp, timeout)
+
+
+def start_prefect(
+    *,
+    host: str,
+    port: int,
+    prefect_home: Path,
+    log_path: Path,
+    database_url: str | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120.0,
+) -> ManagedProcess:
+    _check_port("the Prefect server", host, port)
+    prefect_home.mkdir(parents=True, exist_ok=True)
+    full_env: dict[str, str | None] = {"PREFECT_HOME": str(prefect_home), "PREFECT_API_URL": None, **(env or {})}
+    if database_url:
+        full_env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+    cmd = [bin_path("prefect"), "server", "start", "--host", host, "--port", str(port)]
+    mp = spawn("prefect", cmd, url=f"http://{host}:{port}", log_path=log_path, health_path="/api/health", env=full_env)
+    return wait_healthy(mp, timeout)

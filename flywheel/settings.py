@@ -1,0 +1,64 @@
+"""One settings object for Flywheel, read from `FLYWHEEL_*` variables and `.env`, built on first use.
+
+The ecosystem's own variables win where they are set: `MLFLOW_TRACKING_URI` (Flywheel then starts no MLflow
+server), `PREFECT_API_URL` (no local Prefect server), `AWS_ENDPOINT_URL_S3` and the AWS credential chain (boto3
+reads them itself).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", env_file=".env", extra="ignore")
+
+    state_dir: Path = Field(Path(".flywheel"), description="Where the embedded default keeps its state.")
+    model_name: str = Field("flights-delay", description="Registered model name in MLflow.")
+    experiment_name: str = Field("flywheel", description="MLflow experiment for training runs.")
+    spec: Path | None = Field(None, description="Dataset spec YAML; the flights demo when unset.")
+    data: str | None = Field(None, description="Override of the spec's source URI.")
+
+    # Quality gate: absolute floors and the uplift a challenger needs over the champion.
+    gate_min_f1: float = 0.30
+    gate_min_roc_auc: float = 0.60
+    gate_max_rmse: float | None = None
+    gate_min_r2: float = 0.0
+    gate_min_uplift: float = 0.005
+
+    # Validation.
+    min_rows: int = 200
+    max_null_share: float = 0.30
+    reference_sample_rows: int = 20_000
+    seed: int = 42
+
+    # Embedded-default servers (all bind 127.0.0.1).
+    host: str = "127.0.0.1"
+    mlflow_port: int = 5050
+    prefect_port: int = 4200
+    bridge_port: int = 5055
+    serving_port: int = 5080
+    staging_port: int = 5081
+
+    webhook_secret: SecretStr | None = None
+    serving_token: SecretStr | None = None
+    admin_token: SecretStr | None = None
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir.expanduser().resolve()
+
+    @property
+    def external_tracking_uri(self) -> str | None:
+        """The user's MLflow server, when `MLFLOW_TRACKING_URI` is set: Flywheel then starts none."""
+        return os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,270 @@
+"""MLflow I/O: the tracking-server check, logging a trained candidate, registering it with its lineage,
+finding a version by lineage, and moving aliases.
+
+Lineage tags are set in the same call that creates a version (`create_model_version(tags=...)`), so a
+version never exists without them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PRODUCTION_STAGE = "Production"
+
+# Version tag keys (plain names so they are easy to filter on in the MLflow UI and search API).
+TAG_DATA_HASH = "data_hash"
+TAG_PARAMS_HASH = "params_hash"
+TAG_CODE_VERSION = "code_version"
+TAG_FLOW_RUN = "prefect_flow_run_id"
+TAG_SOURCE = "data_source"
+TAG_WINDOW = "data_window"
+TAG_ESTIMATOR = "estimator"
+TAG_GATE_PASSED = "gate_passed"
+TAG_GATE_REASONS = "gate_reasons"
+REFERENCE_ARTIFACT = "reference/train_sample.parquet"
+
+_SOURCE_ROOTS = ("tasks", "flows")
+
+
+class RegistryUnavailableError(RuntimeError):
+    """The MLflow tracking server cannot be reached."""
+
+
+def configure_client_retries() -> None:
+    """Bound MLflow's HTTP retries (its default of 7 with backoff takes minutes against a dead server)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def client(tracking_uri: str | None = None):
+    from mlflow import MlflowClient
+
+    configure_client_retries()
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def check_tracking_server(tracking_uri: str, timeout: float = 5.0) -> None:
+    """Raise RegistryUnavailableError unless an http(s) tracking server answers its /health endpoint."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import httpx
+
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        resp = httpx.get(url, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise RegistryUnavailableError(f"MLflow tracking server {tracking_uri} is unreachable: {exc}") from exc
+    if resp.status_code != 200:
+        raise RegistryUnavailableError(f"MLflow tracking server {tracking_uri} answered {resp.status_code} on /health")
+
+
+def code_version() -> str:
+    """A hash of the pipeline's own source (tasks/ and flows/): same code → same version, git or not."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for sub in _SOURCE_ROOTS:
+        for path in sorted((root / sub).glob("*.py")):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def find_version_by_lineage(
+    mlflow_client, model_name: str, data_hash: str, params_hash: str, code_ver: str
+) -> Any | None:
+    """The registered version trained on exactly this data, params and code, if any (the idempotency check)."""
+    from mlflow.exceptions import MlflowException
+
+    filt = (
+        f"name = '{model_name}' and tags.{TAG_DATA_HASH} = '{data_hash}' "
+        f"and tags.{TAG_PARAMS_HASH} = '{params_hash}' and tags.{TAG_CODE_VERSION} = '{code_ver}'"
+    )
+    try:
+        found = mlflow_client.search_model_versions(filter_string=filt)
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code):
+            return None
+        raise
+    live = [v for v in found if v.status == "READY"]
+    return max(live, key=lambda v: int(v.version)) if live else None
+
+
+def get_alias_version(mlflow_client, model_name: str, alias: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow_client.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None
+
+
+def ensure_registered_model(mlflow_client, model_name: str, description: str = "") -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.create_registered_model(model_name, description=description or None)
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+            raise
+
+
+def pip_requirements() -> list[str]:
+    """Explicit requirements (MLflow's inference of them costs ~9 s a model)."""
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "scikit-learn", "pandas", "numpy", "skops", "scipy")]
+
+
+def trusted_types(model: Any) -> list[str]:
+    """The types skops must be told to trust for this pipeline (MLflow 3's default serialisation)."""
+    import skops.io
+
+    return skops.io.get_untrusted_types(data=skops.io.dumps(model))
+
+
+@dataclass
+class LoggedCandidate:
+    run_id: str
+    model_uri: str
+    model_id: str | None
+
+
+def log_candidate(
+    *,
+    model: Any,
+    model_spec: Any,
+    metrics: dict[str, float],
+    X_example: pd.DataFrame,
+    y_example: pd.Series,
+    training_frame: pd.DataFrame,
+    reference_sample: pd.DataFrame,
+    dataset_name: str,
+    dataset_source: str,
+    target: str,
+    data_hash: str,
+    tags: dict[str, str],
+    confusion_fig: Any | None = None,
+    experiment: str = "flywheel",
+    run_name: str | None = None,
+) -> LoggedCandidate:
+    """Log one trained candidate as an MLflow run: params, metrics, dataset input, plots, sample and model."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    configure_client_retries()
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+        mlflow.log_params({"estimator": model_spec.class_path, **{f"model.{k}": v for k, v in model_spec.params.items()}})
+        mlflow.log_metrics({f"holdout_{k}": v for k, v in metrics.items()})
+        dataset = mlflow.data.from_pandas(training_frame, targets=target, name=dataset_name, digest=data_hash)
+        mlflow.log_input(dataset, context="training", tags={"source": dataset_source})
+        if confusion_fig is not None:
+            mlflow.log_figure(confusion_fig, "confusion_matrix.png")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(REFERENCE_ARTIFACT).name
+            reference_sample.to_parquet(path, index=False)
+            mlflow.log_artifact(str(path), artifact_path=str(Path(REFERENCE_ARTIFACT).parent))
+        signature = infer_signature(X_example, model.predict(X_example))
+        info = mlflow.sklearn.log_model(
+            model,
+            name="model",
+            signature=signature,
+            input_example=X_example.head(3),
+            pip_requirements=pip_requirements(),
+            skops_trusted_types=trusted_types(model),
+        )
+        return LoggedCandidate(run_id=run.info.run_id, model_uri=info.model_uri, model_id=getattr(info, "model_id", None))
+
+
+def register_version(mlflow_client, model_name: str, logged: LoggedCandidate, tags: dict[str, str], description: str = ""):
+    """Create the registry version with its lineage tags in one call; wait until it is READY."""
+    ensure_registered_model(mlflow_client, model_name, "Registered by Flywheel's train flow.")
+    return mlflow_client.create_model_version(
+        name=model_name,
+        source=logged.model_uri,
+        run_id=logged.run_id,
+        tags={k: str(v) for k, v in tags.items()},
+        description=description or None,
+        model_id=logged.model_id,
+    )
+
+
+def set_version_tags(mlflow_client, model_name: str, version: str, tags: dict[str, Any]) -> None:
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(model_name, str(version), key, str(value))
+
+
+def set_alias(mlflow_client, model_name: str, alias: str, version: str) -> None:
+    mlflow_client.set_registered_model_alias(model_name, alias, str(version))
+
+
+def version_metrics(mlflow_client, version: Any) -> dict[str, float]:
+    """The holdout metrics logged with a version's training run (keys without the `holdout_` prefix)."""
+    if not version.run_id:
+        return {}
+    run = mlflow_client.get_run(version.run_id)
+    return {k.removeprefix("holdout_"): v for k, v in run.data.metrics.items() if k.startswith("holdout_")}
+
+
+def load_sklearn_model(model_name: str, version: str):
+    import mlflow.sklearn
+
+    return mlflow.sklearn.load_model(f"models:/{model_name}/{version}")
+
+
+def load_reference_sample(mlflow_client, version: Any) -> pd.DataFrame:
+    """The capped training sample saved with a version's run: the drift check's reference."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow_client.download_artifacts(version.run_id, REFERENCE_ARTIFACT, tmp)
+        return pd.read_parquet(local)
+
+
+def reasons_tag(reasons: list[str]) -> str:
+    return json.dumps(reasons)[:5000]
+
+
+# --------------------------------------------------------------------------------------------------- tasks
+def _retry_unless_permanent(task, task_run, state) -> bool:
+    """Retry on connection trouble; an MLflow error about the request itself will not go away by retrying."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        state.result()
+    except MlflowException as exc:
+        return exc.get_http_status_code() >= 500
+    except Exception:
+        return True
+    return False
+
+
+_RETRIES = dict(retries=3, retry_delay_seconds=[2, 5, 10], retry_condition_fn=_retry_unless_permanent)
+
+
+@task(name="check-registry", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 5, 10])
+def check_registry(tracking_uri: str) -> None:
+    check_tracking_server(tracking_uri)
+
+
+@task(name="find-registered-version", cache_policy=NO_CACHE, **_RETRIES)
+def find_existing(model_name: str, data_hash: str, params_hash: str, code_ver: str):
+    return find_version_by_lineage(client(), model_name, data_hash, params_hash, code_ver)
+
+
+@task(name="log-and-register", cache_policy=NO_CACHE, **_RETRIES)
+def log_and_register(model_name: str, version_tags: dict[str, str], description: str, **log_kwargs):
+    """Log the candidate's run and create its registry version (with lineage tags) in one step."""
+    logged = log_candidate(**log_kwargs)
+    return register_version(client(), model_name, logged, version_tags, description)

@@ -1,0 +1,196 @@
+"""Training: model specs (estimator + hyper-parameters), features, the holdout split and the sklearn pipeline."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field, ValidationError
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.model_selection import train_test_split
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+from flywheel.spec import DatasetSpec
+
+# Short names for the estimators people reach for first; any other `sklearn.*` class path works too.
+ESTIMATORS = {
+    "logistic_regression": "sklearn.linear_model.LogisticRegression",
+    "random_forest": "sklearn.ensemble.RandomForestClassifier",
+    "gradient_boosting": "sklearn.ensemble.HistGradientBoostingClassifier",
+    "linear_regression": "sklearn.linear_model.LinearRegression",
+    "ridge": "sklearn.linear_model.Ridge",
+    "random_forest_regressor": "sklearn.ensemble.RandomForestRegressor",
+    "gradient_boosting_regressor": "sklearn.ensemble.HistGradientBoostingRegressor",
+}
+DEFAULT_MODEL = {
+    "binary": {"name": "hgb", "estimator": "gradient_boosting", "params": {"class_weight": "balanced", "max_iter": 200}},
+    "regression": {"name": "ridge", "estimator": "ridge", "params": {"alpha": 1.0}},
+}
+
+
+class ModelSpecError(ValueError):
+    """A params file or model spec names an unknown estimator or bad hyper-parameters."""
+
+
+class ModelSpec(BaseModel):
+    """One candidate model: an estimator and its hyper-parameters (a params YAML holds one or a list)."""
+
+    name: str = "model"
+    estimator: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def class_path(self) -> str:
+        return ESTIMATORS.get(self.estimator, self.estimator)
+
+    def params_hash(self) -> str:
+        blob = json.dumps({"estimator": self.class_path, "params": self.params}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def default_model_spec(task: str) -> ModelSpec:
+    return ModelSpec.model_validate(DEFAULT_MODEL[task])
+
+
+def load_model_specs(path: str | Path | None, task: str) -> list[ModelSpec]:
+    """Read a params YAML: either one spec (`estimator`, `params`) or `candidates: [...]` of them."""
+    if path is None:
+        return [default_model_spec(task)]
+    p = Path(path)
+    if not p.is_file():
+        raise ModelSpecError(f"params file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ModelSpecError(f"params file {p} is not valid YAML: {exc}") from exc
+    items = raw.get("candidates") if isinstance(raw, dict) and "candidates" in raw else [raw]
+    if not isinstance(items, list) or not items:
+        raise ModelSpecError(f"params file {p}: 'candidates' must be a non-empty list")
+    specs = []
+    for i, item in enumerate(items):
+        try:
+            spec = ModelSpec.model_validate(item)
+        except ValidationError as exc:
+            raise ModelSpecError(f"params file {p}, candidate {i}: {exc.errors()[0]['msg']}") from exc
+        resolve_estimator(spec)  # fail early on unknown estimators or parameters
+        specs.append(spec)
+    return specs
+
+
+def resolve_estimator(spec: ModelSpec) -> type:
+    path = spec.class_path
+    if not path.startswith("sklearn."):
+        known = ", ".join(sorted(ESTIMATORS))
+        raise ModelSpecError(f"unknown estimator '{spec.estimator}': use one of {known} or a sklearn.* class path")
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ModelSpecError(f"estimator '{path}' cannot be imported: {exc}") from exc
+    accepted = set(inspect.signature(cls).parameters)
+    unknown = sorted(set(spec.params) - accepted)
+    if unknown:
+        raise ModelSpecError(f"estimator {name} has no parameter(s) {unknown}")
+    return cls
+
+
+def build_pipeline(spec: DatasetSpec, model: ModelSpec, seed: int) -> Pipeline:
+    """Preprocessing for numeric and categorical columns followed by the configured estimator, seeded."""
+    cls = resolve_estimator(model)
+    params = dict(model.params)
+    if "random_state" in inspect.signature(cls).parameters:
+        params.setdefault("random_state", seed)
+    transformers = []
+    if spec.numeric:
+        numeric = Pipeline([("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())])
+        transformers.append(("numeric", numeric, spec.numeric))
+    if spec.categorical:
+        categorical = Pipeline(
+            [
+                ("impute", SimpleImputer(strategy="constant", fill_value="missing")),
+                ("onehot", OneHotEncoder(handle_unknown="ignore", min_frequency=5, sparse_output=False)),
+            ]
+        )
+        transformers.append(("categorical", categorical, spec.categorical))
+    pre = ColumnTransformer(transformers, remainder="drop")
+    return Pipeline([("preprocess", pre), ("model", cls(**params))])
+
+
+def feature_frame(df: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
+    """The model's input columns with stable dtypes: numeric as float64, categorical as str."""
+    X = pd.DataFrame(index=df.index)
+    for col in spec.numeric:
+        X[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
+    for col in spec.categorical:
+        X[col] = df[col].astype("string").fillna("missing").astype(str)
+    return X
+
+
+def target_series(df: pd.DataFrame, spec: DatasetSpec) -> pd.Series:
+    y = df[spec.target]
+    return pd.to_numeric(y).astype("float64") if spec.task == "regression" else y
+
+
+def positive_label(y: pd.Series, spec: DatasetSpec) -> Any:
+    """The positive class as it appears in the data (a YAML `1` matches an int 1 or a string '1')."""
+    for value in pd.unique(y):
+        if value == spec.positive_class or str(value) == str(spec.positive_class):
+            return value.item() if hasattr(value, "item") else value
+    return spec.positive_class
+
+
+@dataclass
+class Split:
+    X_train: pd.DataFrame
+    X_test: pd.DataFrame
+    y_train: pd.Series
+    y_test: pd.Series
+
+
+def split_dataset(df: pd.DataFrame, spec: DatasetSpec, *, test_size: float = 0.2, seed: int = 42) -> Split:
+    """A seeded holdout split, stratified on the target for classification."""
+    X, y = feature_frame(df, spec), target_series(df, spec)
+    stratify = y if spec.task == "binary" else None
+    X_train, X_test, y_train, y_test = train_test_split(
+        X, y, test_size=test_size, random_state=seed, stratify=stratify
+    )
+    return Split(X_train, X_test, y_train, y_test)
+
+
+def train_model(split: Split, spec: DatasetSpec, model: ModelSpec, seed: int) -> Pipeline:
+    pipeline = build_pipeline(spec, model, seed)
+    pipeline.fit(split.X_train, split.y_train)
+    return pipeline
+
+
+# --------------------------------------------------------------------------------------------------- tasks
+def _fit_cache_key(context, parameters) -> str:
+    """Same data, same spec, same estimator+params, same seed and same code → same model: skip training."""
+    from flywheel.tasks.registry import code_version
+
+    spec_key = hashlib.sha256(parameters["spec"].model_dump_json().encode()).hexdigest()[:12]
+    return "fit-" + "-".join(
+        [parameters["data_key"], spec_key, parameters["model"].params_hash(), str(parameters["seed"]), code_version()]
+    )
+
+
+@task(name="split-dataset", cache_policy=NO_CACHE)
+def split(df: pd.DataFrame, spec: DatasetSpec, seed: int = 42) -> Split:
+    return split_dataset(df, spec, seed=seed)
+
+
+@task(name="train-model", cache_key_fn=_fit_cache_key, cache_expiration=timedelta(days=7), persist_result=True)
+def fit(split: Split, spec: DatasetSpec, model: ModelSpec, seed: int, data_key: str) -> Pipeline:
+    return train_model(split, spec, model, seed)
