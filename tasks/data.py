@@ -97,8 +97,15 @@ def _local_files(uri: str) -> list[Path]:
     return [path]
 
 
+def _read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:  # permissions, a vanished file, an I/O error
+        raise DataSourceError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
+
+
 def _read_local(uri: str) -> pd.DataFrame:
-    frames = [_read_bytes(f.read_bytes(), str(f)) for f in _local_files(uri)]
+    frames = [_read_bytes(_read_file(f), str(f)) for f in _local_files(uri)]
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
 
@@ -163,7 +170,20 @@ def read_source(uri: str) -> pd.DataFrame:
 
 
 def to_utc(series: pd.Series) -> pd.Series:
-    return pd.to_datetime(series, utc=True, errors="coerce")
+    """Timestamps in UTC (naive ones taken as UTC); values that are not timestamps become NaT."""
+    ts = pd.to_datetime(series, utc=True, errors="coerce")
+    # pandas guesses one format from the first value: parse the values that did not fit it one by one.
+    retry = ts.isna() & series.notna()
+    if retry.any():
+        ts[retry] = pd.to_datetime(series[retry], utc=True, errors="coerce", format="mixed")
+    return ts
+
+
+def _bound(value: str) -> pd.Timestamp:
+    try:
+        return pd.Timestamp(value, tz="UTC")
+    except (ValueError, TypeError) as exc:
+        raise DataSourceError(f"window bound {value!r} is not a date or timestamp (use e.g. 2013-01-01)") from exc
 
 
 def window(df: pd.DataFrame, event_time: str | None, start: str | None, end: str | None) -> pd.DataFrame:
@@ -177,9 +197,9 @@ def window(df: pd.DataFrame, event_time: str | None, start: str | None, end: str
     ts = to_utc(df[event_time])
     mask = pd.Series(True, index=df.index)
     if start is not None:
-        mask &= ts >= pd.Timestamp(start, tz="UTC")
+        mask &= ts >= _bound(start)
     if end is not None:
-        mask &= ts < pd.Timestamp(end, tz="UTC")
+        mask &= ts < _bound(end)
     return df.loc[mask].reset_index(drop=True)
 
 

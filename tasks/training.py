@@ -16,6 +16,7 @@ import yaml
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, ValidationError
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
 from sklearn.model_selection import train_test_split
@@ -84,7 +85,10 @@ def load_model_specs(path: str | Path | None, task: str) -> list[ModelSpec]:
             spec = ModelSpec.model_validate(item)
         except ValidationError as exc:
             raise ModelSpecError(f"params file {p}, candidate {i}: {exc.errors()[0]['msg']}") from exc
-        resolve_estimator(spec)  # fail early on unknown estimators or parameters
+        cls = resolve_estimator(spec)  # fail early on unknown estimators or parameters
+        kind, noun = (ClassifierMixin, "classifier") if task == "binary" else (RegressorMixin, "regressor")
+        if not issubclass(cls, kind):
+            raise ModelSpecError(f"params file {p}, candidate {i}: {cls.__name__} is not a {noun} (task '{task}')")
         specs.append(spec)
     return specs
 
@@ -99,6 +103,8 @@ def resolve_estimator(spec: ModelSpec) -> type:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
         raise ModelSpecError(f"estimator '{path}' cannot be imported: {exc}") from exc
+    if not (inspect.isclass(cls) and issubclass(cls, BaseEstimator)):
+        raise ModelSpecError(f"'{path}' is not a scikit-learn estimator class")
     accepted = set(inspect.signature(cls).parameters)
     unknown = sorted(set(spec.params) - accepted)
     if unknown:

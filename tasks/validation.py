@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pandas as pd
+from flywheel.tasks.data import to_utc
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -61,7 +62,7 @@ def validate_dataset(
                 example = df[col][pd.to_numeric(df[col], errors="coerce").isna() & df[col].notna()].iloc[0]
                 problems.append(f"numeric column '{col}' has {bad:.1%} values that are not numbers (e.g. {example!r})")
     if spec.event_time and spec.event_time in df.columns:
-        ts = pd.to_datetime(df[spec.event_time], utc=True, errors="coerce")
+        ts = to_utc(df[spec.event_time])
         bad = float((ts.isna() & df[spec.event_time].notna()).mean()) if len(df) else 0.0
         if bad > 0:
             problems.append(f"event_time column '{spec.event_time}' has {bad:.1%} values that are not timestamps")
@@ -85,7 +86,8 @@ def validate_dataset(
                     f"(values: {sorted(map(str, classes))[:10]})"
                 )
             elif len(df):
-                positive_share = float((target.astype(str) == str(spec.positive_class)).mean())
+                positive = (target == spec.positive_class) | (target.astype(str) == str(spec.positive_class))
+                positive_share = float(positive.mean())
         else:
             bad = _coerces_to_number(target)
             if bad > 0:

@@ -1,0 +1,313 @@
+"""Training: model specs and params files, features, the split, and the pipeline on real data.
+
+Code tests first, then model tests (behavioural: it learns something, it is deterministic, it is robust to
+inputs a serving endpoint will see).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from flywheel.tasks import training
+from flywheel.tasks.evaluation import evaluate_model
+from flywheel.tasks.training import (
+    ModelSpec,
+    ModelSpecError,
+    build_pipeline,
+    default_model_spec,
+    feature_frame,
+    load_model_specs,
+    positive_label,
+    resolve_estimator,
+    split_dataset,
+    train_model,
+)
+from sklearn.datasets import load_diabetes
+from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge
+
+from flywheel.spec import DatasetSpec
+
+SEED = 42
+
+
+def params_file(tmp_path, text: str):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------- model specs
+@pytest.mark.parametrize(
+    ("task", "cls"), [("binary", HistGradientBoostingClassifier), ("regression", Ridge)]
+)
+def test_default_model_spec_per_task(task, cls):
+    spec = default_model_spec(task)
+    assert resolve_estimator(spec) is cls
+    assert load_model_specs(None, task) == [spec]
+
+
+def test_params_file_with_one_model(tmp_path):
+    path = params_file(tmp_path, "name: lr\nestimator: logistic_regression\nparams: {C: 0.5, max_iter: 500}\n")
+    [spec] = load_model_specs(path, "binary")
+    assert (spec.name, spec.estimator, spec.params) == ("lr", "logistic_regression", {"C": 0.5, "max_iter": 500})
+    assert spec.class_path == "sklearn.linear_model.LogisticRegression"
+
+
+def test_params_file_with_candidates(tmp_path):
+    path = params_file(
+        tmp_path,
+        """
+candidates:
+  - name: rf
+    estimator: random_forest
+    params: {n_estimators: 50}
+  - name: full-path
+    estimator: sklearn.linear_model.LogisticRegression
+""",
+    )
+    specs = load_model_specs(str(path), "binary")
+    assert [s.name for s in specs] == ["rf", "full-path"]
+    assert [resolve_estimator(s) for s in specs] == [RandomForestClassifier, LogisticRegression]
+    assert specs[1].params == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("candidates: []\n", "non-empty list"),
+        ("candidates: {name: x}\n", "non-empty list"),
+        ("estimator: [unclosed\n", "not valid YAML"),
+        ("name: no-estimator\n", "candidate 0"),
+        ("- estimator: ridge\n", "candidate 0"),
+        ("estimator: xgboost_classifier\n", "unknown estimator 'xgboost_classifier'"),
+        ("estimator: random_forest\nparams: {n_trees: 10}\n", r"has no parameter\(s\) \['n_trees'\]"),
+        ("candidates:\n  - estimator: ridge\n  - estimator: nope\n", "unknown estimator 'nope'"),
+    ],
+    ids=["empty", "not-a-list", "bad-yaml", "no-estimator", "top-level-list", "unknown", "bad-param", "2nd-bad"],
+)
+def test_bad_params_files(tmp_path, text, message):
+    with pytest.raises(ModelSpecError, match=message):
+        load_model_specs(params_file(tmp_path, text), "regression")
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(ModelSpecError, match="not found"):
+        load_model_specs(tmp_path / "params.yaml", "binary")
+
+
+@pytest.mark.parametrize(
+    ("task", "estimator", "message"),
+    [("binary", "ridge", "Ridge is not a classifier"), ("regression", "random_forest", "not a regressor")],
+)
+def test_estimator_must_fit_the_task(tmp_path, task, estimator, message):
+    with pytest.raises(ModelSpecError, match=message):
+        load_model_specs(params_file(tmp_path, f"estimator: {estimator}\n"), task)
+
+
+@pytest.mark.parametrize("path", ["os.system", "xgboost.XGBClassifier", "builtins.eval", "sklearnx.Foo"])
+def test_non_sklearn_class_path_is_refused(path):
+    with pytest.raises(ModelSpecError, match="unknown estimator"):
+        resolve_estimator(ModelSpec(estimator=path))
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("sklearn.linear_model.NoSuchModel", "cannot be imported"),
+        ("sklearn.nowhere.Model", "cannot be imported"),
+        ("sklearn.metrics.accuracy_score", "not a scikit-learn estimator"),
+        ("sklearn.linear_model", "not a scikit-learn estimator"),
+    ],
+)
+def test_sklearn_paths_that_are_not_estimators_are_refused(path, message):
+    with pytest.raises(ModelSpecError, match=message):
+        resolve_estimator(ModelSpec(estimator=path))
+
+
+def test_params_hash_depends_on_estimator_and_params_only():
+    a = ModelSpec(name="a", estimator="ridge", params={"alpha": 1.0})
+    same = ModelSpec(name="b", estimator="sklearn.linear_model.Ridge", params={"alpha": 1.0})
+    assert a.params_hash() == same.params_hash()
+    assert a.params_hash() != ModelSpec(estimator="ridge", params={"alpha": 2.0}).params_hash()
+    assert a.params_hash() != ModelSpec(estimator="linear_regression", params={}).params_hash()
+    assert len(a.params_hash()) == 16
+
+
+# --------------------------------------------------------------------------------------------------- pipeline
+def test_pipeline_seeds_estimators_that_take_a_seed(tiny_spec):
+    rf = build_pipeline(tiny_spec, ModelSpec(estimator="random_forest"), seed=7)
+    assert rf.named_steps["model"].random_state == 7
+    explicit = build_pipeline(tiny_spec, ModelSpec(estimator="random_forest", params={"random_state": 1}), seed=7)
+    assert explicit.named_steps["model"].random_state == 1
+    unseeded = build_pipeline(tiny_spec, ModelSpec(estimator="linear_regression"), seed=7)  # takes no random_state
+    assert isinstance(unseeded.named_steps["model"], LinearRegression)
+
+
+def test_pipeline_preprocesses_only_the_spec_columns(tiny_spec):
+    pre = build_pipeline(tiny_spec, ModelSpec(estimator="logistic_regression"), SEED).named_steps["preprocess"]
+    columns = [(name, cols) for name, _, cols in pre.transformers]
+    assert columns == [("numeric", ["x1", "x2"]), ("categorical", ["colour"])]
+    assert pre.remainder == "drop"
+
+
+def test_pipeline_without_categorical_columns():
+    spec = DatasetSpec(source="x.csv", target="y", task="regression", numeric=["a"])
+    pre = build_pipeline(spec, default_model_spec("regression"), SEED).named_steps["preprocess"]
+    assert [name for name, _, _ in pre.transformers] == ["numeric"]
+
+
+def test_unknown_parameter_fails_when_building(tiny_spec):
+    with pytest.raises(ModelSpecError, match="has no parameter"):
+        build_pipeline(tiny_spec, ModelSpec(estimator="ridge", params={"depth": 3}), SEED)
+
+
+# --------------------------------------------------------------------------------------------------- features
+def test_feature_frame_types_and_columns(tiny_spec):
+    df = pd.DataFrame(
+        {
+            "colour": ["red", None, "blue"],
+            "x2": ["1.5", "oops", None],
+            "x1": [1, 2, 3],
+            "label": [1, 0, 1],
+            "ts": ["2013-01-01"] * 3,
+        }
+    )
+    X = feature_frame(df, tiny_spec)
+    assert X.columns.tolist() == ["x1", "x2", "colour"]
+    assert X.dtypes.astype(str).tolist() == ["float64", "float64", "object"]
+    assert X["x2"].isna().tolist() == [False, True, True]
+    assert X["x2"].iloc[0] == 1.5
+    assert X["colour"].tolist() == ["red", "missing", "blue"]
+    assert X.index.equals(df.index)
+
+
+def test_feature_frame_missing_column_raises(tiny_spec):
+    with pytest.raises(KeyError):
+        feature_frame(pd.DataFrame({"x1": [1.0], "x2": [2.0]}), tiny_spec)
+
+
+def test_positive_label_matches_across_types():
+    spec_int = DatasetSpec(source="x", target="y", positive_class=1, numeric=["a"])
+    spec_str = spec_int.with_overrides(positive_class="1")
+    assert positive_label(pd.Series(["0", "1", "0"]), spec_int) == "1"
+    found = positive_label(pd.Series(np.array([0, 1, 0], dtype="int64")), spec_str)
+    assert found == 1 and type(found) is int  # a plain int, not numpy's (it ends up in JSON and MLflow tags)
+    assert positive_label(pd.Series([0.0, 1.0]), spec_int) == 1.0
+    assert positive_label(pd.Series(["a", "b"]), spec_int) == 1  # not in the data: the spec's value
+
+
+# --------------------------------------------------------------------------------------------------- split
+def test_split_is_stratified_and_seeded(january, flights_spec):
+    a = split_dataset(january, flights_spec, seed=SEED)
+    b = split_dataset(january, flights_spec, seed=SEED)
+    c = split_dataset(january, flights_spec, seed=SEED + 1)
+    assert (len(a.X_train), len(a.X_test)) == (3200, 800)
+    assert a.X_test.index.equals(b.X_test.index)
+    assert not a.X_test.index.equals(c.X_test.index)
+    assert set(a.X_train.index).isdisjoint(a.X_test.index)
+    assert abs(a.y_train.mean() - a.y_test.mean()) < 0.005
+    assert a.X_train.columns.tolist() == flights_spec.features
+
+
+def test_split_task_wrapper(january, flights_spec):
+    parts = training.split.fn(january, flights_spec, SEED)
+    assert len(parts.X_test) == 800
+
+
+def test_fit_cache_key_follows_data_spec_params_and_seed(flights_spec):
+    base = {"data_key": "abc", "spec": flights_spec, "model": default_model_spec("binary"), "seed": 1}
+    key = training._fit_cache_key(None, base)
+    assert key == training._fit_cache_key(None, dict(base))
+    for change in (
+        {"data_key": "abd"},
+        {"seed": 2},
+        {"model": ModelSpec(estimator="gradient_boosting", params={"max_iter": 10})},
+        {"spec": flights_spec.with_overrides(numeric=["hour"])},
+    ):
+        assert training._fit_cache_key(None, {**base, **change}) != key
+
+
+# --------------------------------------------------------------------------------------------------- model: flights
+def test_flights_model_beats_trivial_baselines(flights_model, january_split, flights_spec):
+    y = january_split.y_test
+    positive = positive_label(y, flights_spec)
+    metrics = evaluate_model(flights_model, january_split.X_test, y, flights_spec, positive)
+    share = float((y == positive).mean())
+    all_positive_f1 = 2 * share / (1 + share)  # precision = share, recall = 1
+    assert metrics["f1"] > 0.0  # the all-negative baseline's F1
+    assert metrics["f1"] > all_positive_f1 + 0.05
+    assert metrics["roc_auc"] > 0.6
+
+
+def test_flights_model_predicts_the_data_labels(flights_model, january_split):
+    assert set(np.unique(flights_model.predict(january_split.X_test))) == {0, 1}
+    proba = flights_model.predict_proba(january_split.X_test)
+    assert proba.shape == (800, 2)
+    assert np.allclose(proba.sum(axis=1), 1.0)
+
+
+def test_training_is_deterministic_for_a_seed(january_split, flights_spec):
+    model = ModelSpec(estimator="random_forest", params={"n_estimators": 20, "max_depth": 8})
+    X = january_split.X_test
+    first = train_model(january_split, flights_spec, model, SEED).predict_proba(X)
+    second = train_model(january_split, flights_spec, model, SEED).predict_proba(X)
+    other_seed = train_model(january_split, flights_spec, model, SEED + 1).predict_proba(X)
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(first, other_seed)
+
+
+def test_default_model_is_deterministic(flights_model, january_split, flights_spec):
+    again = train_model(january_split, flights_spec, default_model_spec("binary"), SEED)
+    X = january_split.X_test
+    np.testing.assert_array_equal(again.predict_proba(X), flights_model.predict_proba(X))
+
+
+def test_prediction_ignores_column_order_and_extra_columns(flights_model, january_split):
+    X = january_split.X_test
+    shuffled = X[X.columns[::-1]].assign(passenger_name="unused")
+    np.testing.assert_array_equal(flights_model.predict_proba(shuffled), flights_model.predict_proba(X))
+
+
+def test_unseen_and_missing_values_are_tolerated(flights_model, january_split):
+    X = january_split.X_test.head(5).copy()
+    X["carrier"] = "ZZ"  # a carrier never seen in training
+    X["dest"] = "missing"
+    X["temp"] = np.nan
+    proba = flights_model.predict_proba(X)
+    assert proba.shape == (5, 2) and np.isfinite(proba).all()
+
+
+# --------------------------------------------------------------------------------------------------- model: regression
+@pytest.fixture(scope="module")
+def diabetes() -> tuple[pd.DataFrame, DatasetSpec]:
+    df = load_diabetes(as_frame=True).frame
+    spec = DatasetSpec(
+        name="diabetes", source="unused.csv", target="target", task="regression",
+        numeric=[c for c in df.columns if c != "target"],
+    )  # fmt: skip
+    return df, spec
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        ModelSpec(estimator="linear_regression"),
+        ModelSpec(estimator="random_forest_regressor", params={"n_estimators": 50, "min_samples_leaf": 3}),
+        default_model_spec("regression"),
+    ],
+    ids=["linear", "random-forest", "default-ridge"],
+)
+def test_regression_pipeline_learns(diabetes, model):
+    df, spec = diabetes
+    parts = split_dataset(df, spec, seed=SEED)
+    assert parts.y_train.dtype == "float64"
+    assert len(parts.X_test) == math.ceil(len(df) * 0.2)
+    fitted = train_model(parts, spec, model, SEED)
+    metrics = evaluate_model(fitted, parts.X_test, parts.y_test, spec)
+    assert set(metrics) == {"rmse", "mae", "r2"}
+    assert metrics["r2"] > 0.2
+    assert metrics["rmse"] < float(parts.y_test.std())  # better than predicting the mean
