@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
+from flywheel.tasks import data, registry, training, validation
+from flywheel.tasks.evaluation import confusion_figure, evaluate
+from flywheel.tasks.gate import GateDecision, GateThresholds, gate
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -12,9 +15,6 @@ from prefect.runtime import flow_run
 
 from flywheel.settings import get_settings
 from flywheel.spec import DatasetSpec, load_spec
-from flywheel.tasks import data, registry, training, validation
-from flywheel.tasks.evaluation import confusion_figure, evaluate
-from flywheel.tasks.gate import GateDecision, GateThresholds, gate
 
 
 @dataclass
@@ -136,6 +136,7 @@ def train(
         y_example=parts.y_test.head(100),
         training_frame=df[sample_cols],
         reference_sample=data.sample_rows(df[sample_cols], settings.reference_sample_rows, settings.seed),
+        holdout_sample=parts.X_test.assign(**{spec.target: parts.y_test}).head(500),
         dataset_name=spec.name,
         dataset_source=spec.source,
         target=spec.target,

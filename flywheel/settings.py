@@ -45,6 +45,23 @@ class Settings(BaseSettings):
     serving_port: int = 5080
     staging_port: int = 5081
 
+    # Deployments.
+    deploy_target: str = Field("local", description="local (model server process) or kubernetes (manifests).")
+    deploy_watch_seconds: float = Field(60.0, description="How long the live error rate is watched after a switch.")
+    deploy_max_live_error_rate: float = 0.05
+    smoke_max_error_rate: float = 0.0
+    smoke_max_p50_ms: float = 500.0
+    build_images: bool = Field(True, description="Build a Docker image when an engine is reachable.")
+    kubernetes_namespace: str = "flywheel"
+
+    # Drift checks and the retraining they schedule (windows and cooldown in the data's own event time).
+    drift_share: float = Field(0.55, description="Share of drifted columns that counts as dataset drift.")
+    drift_sample_cap: int = Field(50_000, ge=5_000, description="Rows per side the drift check samples down to.")
+    drift_min_rows: int = 500
+    drift_window_days: float = 30.0
+    retrain_cooldown_days: float = 30.0
+    retrain_window_days: float = 90.0
+
     webhook_secret: SecretStr | None = None
     serving_token: SecretStr | None = None
     admin_token: SecretStr | None = None
@@ -52,6 +69,22 @@ class Settings(BaseSettings):
     @property
     def state_path(self) -> Path:
         return self.state_dir.expanduser().resolve()
+
+    @property
+    def serving_url(self) -> str:
+        return f"http://{self.host}:{self.serving_port}"
+
+    @property
+    def staging_url(self) -> str:
+        return f"http://{self.host}:{self.staging_port}"
+
+    def secret(self, name: str) -> str | None:
+        """A secret from its FLYWHEEL_* variable, else from the owner-only file `flywheel up` keeps in the state dir."""
+        value = getattr(self, name, None)
+        if value is not None:
+            return value.get_secret_value()
+        path = self.state_path / name
+        return path.read_text().strip() if path.is_file() else None
 
     @property
     def external_tracking_uri(self) -> str | None:

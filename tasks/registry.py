@@ -34,6 +34,7 @@ TAG_ESTIMATOR = "estimator"
 TAG_GATE_PASSED = "gate_passed"
 TAG_GATE_REASONS = "gate_reasons"
 REFERENCE_ARTIFACT = "reference/train_sample.parquet"
+HOLDOUT_ARTIFACT = "reference/holdout_sample.parquet"
 
 _SOURCE_ROOTS = ("tasks", "flows")
 
@@ -151,6 +152,7 @@ def log_candidate(
     y_example: pd.Series,
     training_frame: pd.DataFrame,
     reference_sample: pd.DataFrame,
+    holdout_sample: pd.DataFrame | None = None,
     dataset_name: str,
     dataset_source: str,
     target: str,
@@ -174,9 +176,12 @@ def log_candidate(
         if confusion_fig is not None:
             mlflow.log_figure(confusion_fig, "confusion_matrix.png")
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / Path(REFERENCE_ARTIFACT).name
-            reference_sample.to_parquet(path, index=False)
-            mlflow.log_artifact(str(path), artifact_path=str(Path(REFERENCE_ARTIFACT).parent))
+            for frame, artifact in ((reference_sample, REFERENCE_ARTIFACT), (holdout_sample, HOLDOUT_ARTIFACT)):
+                if frame is None:
+                    continue
+                path = Path(tmp) / Path(artifact).name
+                frame.to_parquet(path, index=False)
+                mlflow.log_artifact(str(path), artifact_path=str(Path(artifact).parent))
         signature = infer_signature(X_example, model.predict(X_example))
         info = mlflow.sklearn.log_model(
             model,
@@ -225,10 +230,11 @@ def load_sklearn_model(model_name: str, version: str):
     return mlflow.sklearn.load_model(f"models:/{model_name}/{version}")
 
 
-def load_reference_sample(mlflow_client, version: Any) -> pd.DataFrame:
-    """The capped training sample saved with a version's run: the drift check's reference."""
+def load_reference_sample(mlflow_client, version: Any, artifact: str = REFERENCE_ARTIFACT) -> pd.DataFrame:
+    """A sample saved with a version's run: the training sample (the drift check's reference) by default, or
+    the holdout sample (the deployment's smoke test)."""
     with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow_client.download_artifacts(version.run_id, REFERENCE_ARTIFACT, tmp)
+        local = mlflow_client.download_artifacts(version.run_id, artifact, tmp)
         return pd.read_parquet(local)
 
 
