@@ -26,6 +26,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
 @app.callback()
 def main() -> None:
     """Flywheel's commands; settings come from FLYWHEEL_* variables and .env."""
+    from flywheel import local
+    from flywheel.settings import get_settings
+
+    # Before anything imports Prefect: it reads PREFECT_API_URL once, at import (a running stack's, if any).
+    local.prepare_env(get_settings())
 
 
 def _fail(exc: Exception) -> None:
@@ -103,6 +108,114 @@ def demo() -> None:
     """Train the flights demo (January–February 2013) on the embedded default and register it."""
     train(spec=None, data=None, params=None, start=None, end=None, model_name=None, target=None, task_type=None,
           positive_class=None, numeric=None, categorical=None, drop=None, event_time=None)  # fmt: skip
+
+
+@app.command()
+def ci(
+    spec: SpecOpt = None,
+    data: DataOpt = None,
+    params: ParamsOpt = None,
+    start: Annotated[str | None, typer.Option(help="Event-time window start (inclusive).")] = None,
+    end: Annotated[str | None, typer.Option(help="Event-time window end (exclusive).")] = None,
+    model_name: Annotated[str | None, typer.Option("--model-name", help="Registered model name.")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Markdown report path (default: state dir).")] = None,
+) -> None:
+    """For CI systems: run `train` with the gate; write a Markdown report (metrics vs champion, gate reasons).
+
+    Exit code: see `flywheel.ci` (0 = the gate passed; non-zero = gate failed, bad input or a crash).
+    """
+    from flywheel.ci import run_ci
+
+    code = run_ci(spec, data, params, start, end, model_name, report_path=report, echo=typer.echo)
+    raise typer.Exit(code=code)
+
+
+@app.command()
+def up() -> None:
+    """Start the whole stack on 127.0.0.1 (MLflow, Prefect + UI, model servers, webhook bridge, deployments)
+    as supervised child processes; Ctrl-C or SIGTERM stops everything."""
+    from flywheel import local
+    from flywheel.processes import ServerStartError
+    from flywheel.settings import get_settings
+    from flywheel.stack import Stack
+
+    settings = get_settings()
+    local.prepare_env(settings)
+    stack = Stack(settings)
+    try:
+        urls = stack.start()
+    except ServerStartError as exc:
+        _fail(exc)
+    _print_urls(urls)
+    typer.echo("Ctrl-C stops the stack.")
+    stack.run_until_signalled()
+
+
+def _print_urls(urls: dict[str, str]) -> None:
+    typer.echo(f"MLflow UI + registry:  {urls['mlflow_url']}")
+    typer.echo(f"Prefect UI:            {urls['prefect_url']}")
+    typer.echo(f"Model (champion):      {urls['model_url']}/invocations")
+    typer.echo(f"Model (challenger):    {urls['staging_url']}/invocations")
+    typer.echo("For the Prefect CLI:   export PREFECT_API_URL=" + urls["prefect_api_url"])
+    typer.echo("For MLflow clients:    export MLFLOW_TRACKING_URI=" + urls["mlflow_url"])
+
+
+@app.command()
+def status() -> None:
+    """What runs, the champion of the model, the last deployment and drift verdict."""
+    import httpx
+
+    from flywheel import local
+    from flywheel.settings import get_settings
+
+    settings = get_settings()
+    stack = local.running_stack(settings)
+    if not stack:
+        typer.echo(f"no Flywheel stack is running from {settings.state_path}")
+        raise typer.Exit(code=1)
+    from flywheel.stack import pid_alive
+
+    for name, pid in stack["pids"].items():
+        typer.echo(f"{name:16} pid {pid:<8} {'running' if pid_alive(int(pid)) else 'DEAD'}")
+    from flywheel.tasks import registry
+
+    client = registry.client(stack["mlflow_url"])
+    name = stack.get("model_name", settings.model_name)
+    try:
+        model = client.get_registered_model(name)
+    except Exception:  # no model registered yet
+        typer.echo(f"model {name}: not registered yet")
+        return
+    typer.echo(f"model {name}: aliases {model.aliases}")
+    for tag in ("last_deployment", "last_drift"):
+        if tag in model.tags:
+            typer.echo(f"{tag}: {model.tags[tag]}")
+    try:
+        served = httpx.get(stack["model_url"] + "/version", timeout=3).json()
+        typer.echo(f"serving: {served}")
+    except (httpx.HTTPError, ValueError):
+        typer.echo("serving: model server not answering")
+
+
+@app.command()
+def rollback(
+    model: Annotated[str | None, typer.Argument(help="Registered model name (default: FLYWHEEL_MODEL_NAME).")] = None,
+    to_version: Annotated[str | None, typer.Option("--to", help="Version to go back to (default: previous good).")] = None,
+) -> None:
+    """Move `champion` back to the previous good version; the alias event then deploys it."""
+    from flywheel import local
+    from flywheel.settings import get_settings
+
+    settings = get_settings()
+    local.prepare_env(settings)
+    with local.tracking_server(settings):
+        from flywheel.flows.deploy import rollback as rollback_flow
+
+        try:
+            result = rollback_flow(name=model, to_version=to_version)
+        except ValueError as exc:
+            _fail(exc)
+    typer.echo(f"champion of {result['name']}: v{result['from']} → v{result['to']}")
 
 
 def _write_effective_spec(settings, ds) -> Path:

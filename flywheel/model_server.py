@@ -383,7 +383,8 @@ class ModelServer:
                 _remove_dir(slot.local_dir)
 
     def _initial_load(self) -> None:
-        """Load the initial version/alias into the active slot; retry an alias that does not exist yet."""
+        """Load the initial version/alias into the active slot (after a restart: the current champion); retry
+        while the registry is unreachable, give up when the version or alias does not exist."""
         delay = self.initial_retry_seconds
         while not self._stop.is_set():
             if self.active is not None:
@@ -406,6 +407,11 @@ class ModelServer:
                     _remove_dir(slot.local_dir)
                 return
             except ApiError as err:
+                if err.status == 404:
+                    # Not in the registry (yet): nothing to serve until a deployment loads a version through the
+                    # admin API — a first version must pass deploy-model's smoke test, not slip in on its own.
+                    logger.warning("nothing to serve yet: %s; waiting for a deployment", err.message)
+                    return
                 logger.warning("initial load of %s failed (%s); retrying in %.0fs", self.model_name, err.message, delay)
             except Exception as exc:  # registry down: keep trying
                 logger.warning("initial load of %s failed (%s); retrying in %.0fs", self.model_name, exc, delay)
@@ -1392,7 +1398,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI (default MLFLOW_TRACKING_URI)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--initial-version", default=None, help="version to load at start")
-    group.add_argument("--initial-alias", default=None, help="alias to load at start (retried until it exists)")
+    group.add_argument("--initial-alias", default=None, help="alias to load at start (retried while the registry is unreachable; none if it does not exist)")
     p.add_argument("--role", default="production", help="label for this server (production, staging)")
     p.add_argument("--request-log-dir", type=Path, default=None, help="where scored rows are written as Parquet")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)

@@ -1,0 +1,169 @@
+"""The `check-drift` flow: the champion's training sample vs the latest window of serving data (Evidently).
+
+reference = the sample saved with the champion's training run (found through its lineage, so it follows the
+champion); current = the latest `drift_window_days` of what the model server scored, by the data's own event
+time (or any data source given as `current_uri`). Drift outside the cooldown schedules retraining by emitting
+`flywheel.drift.detected`, which triggers the `train/on-drift` deployment on a rolling window.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+
+import pandas as pd
+from flywheel.tasks import data, drift, registry
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+
+from flywheel.settings import get_settings
+from flywheel.spec import DatasetSpec, load_spec
+
+DRIFT_EVENT = "flywheel.drift.detected"
+TAG_LAST_RETRAIN = "last_retrain_scheduled_event_time"
+TAG_LAST_DRIFT = "last_drift"
+
+
+class DriftCheckError(RuntimeError):
+    """No champion, or no usable serving data to compare with."""
+
+
+def serving_log_dir() -> Path:
+    return get_settings().state_path / "serving" / "production"
+
+
+@task(name="load-current-data", cache_policy=NO_CACHE)
+def load_current(spec: DatasetSpec, model_name: str, current_uri: str | None, start: str | None, end: str | None):
+    """Serving data (or `current_uri`) in [start, end); without bounds, the latest drift window by event time."""
+    if current_uri:
+        frame = data.read_source(current_uri)
+    else:
+        from flywheel.model_server import read_request_log
+
+        frame = read_request_log(serving_log_dir(), model_name)
+    if frame is None or frame.empty:
+        where = current_uri or f"the model server's request log ({serving_log_dir()})"
+        raise drift.DriftDataError(f"no current data in {where}: nothing has been scored yet")
+    time_col = spec.event_time if spec.event_time and spec.event_time in frame.columns else "timestamp"
+    if time_col not in frame.columns:
+        raise drift.DriftDataError(f"current data has neither the event_time column '{spec.event_time}' nor a timestamp")
+    ts = data.to_utc(frame[time_col])
+    if ts.notna().sum() == 0:
+        raise drift.DriftDataError(f"current data has no readable event times in '{time_col}'")
+    hi = pd.Timestamp(end, tz="UTC") if end else ts.max() + pd.Timedelta(microseconds=1)
+    lo = pd.Timestamp(start, tz="UTC") if start else hi - pd.Timedelta(days=get_settings().drift_window_days)
+    window = frame.loc[(ts >= lo) & (ts < hi)].reset_index(drop=True)
+    return window, lo, hi
+
+
+async def _train_in_flight(model_name: str) -> bool:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    async with get_client() as client:
+        runs = await client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["train"])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED])
+                )
+            ),
+        )
+    return any((r.parameters.get("model_name") or get_settings().model_name) == model_name for r in runs)
+
+
+@task(name="log-drift-report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 5])
+def log_report(result, html_path: str, model_name: str, version: str, lo, hi) -> str:
+    """A monitoring run in MLflow, linked to the champion version, holding the Evidently HTML report."""
+    import mlflow
+
+    mlflow.set_experiment(f"{get_settings().experiment_name}-monitoring")
+    with mlflow.start_run(
+        run_name=f"drift-{model_name}-v{version}-{lo:%Y%m%d}",
+        tags={"flywheel.model_name": model_name, "flywheel.model_version": str(version), "flywheel.kind": "drift"},
+    ) as run:
+        mlflow.log_metrics({"drift_share": result.drift_share, "n_drifted": result.n_drifted})
+        mlflow.log_params({"window_start": str(lo), "window_end": str(hi), "sampled": result.sampled})
+        mlflow.log_artifact(html_path, artifact_path="drift")
+        mlflow.log_dict(result.as_dict(), "drift/summary.json")
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    return f"{uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" if uri.startswith("http") else run.info.run_id
+
+
+@flow(name="check-drift", log_prints=True)
+def check_drift(
+    model_name: str | None = None,
+    current_uri: str | None = None,
+    start: str | None = None,
+    end: str | None = None,
+    spec_path: str | None = None,
+) -> dict:
+    """Compare the champion's reference with current data; schedule retraining on drift (outside the cooldown)."""
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    logger = get_run_logger()
+    s = get_settings()
+    name = model_name or s.model_name
+    spec = load_spec(spec_path or s.spec)
+    client = registry.client()
+    champion = registry.get_alias_version(client, name, registry.CHAMPION)
+    if champion is None:
+        raise DriftCheckError(f"{name} has no champion: nothing to check drift against")
+    reference = registry.load_reference_sample(client, champion)
+    current, lo, hi = load_current(spec, name, current_uri, start, end)
+    columns = drift.drift_columns(spec)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        html = Path(tmp) / "drift_report.html"
+        result = drift.compute_drift(
+            reference, current, columns, drift_share=s.drift_share, sample_cap=s.drift_sample_cap,
+            seed=s.seed, min_rows=s.drift_min_rows, html_path=html,
+        )  # fmt: skip
+        link = log_report(result, str(html), name, champion.version, lo, hi)
+
+    last = client.get_registered_model(name).tags.get(TAG_LAST_RETRAIN)
+    decision = drift.should_retrain(
+        result,
+        now_event_time=hi,
+        last_retrain_event_time=pd.Timestamp(last) if last else None,
+        cooldown=timedelta(days=s.retrain_cooldown_days),
+        min_rows=s.drift_min_rows,
+        in_flight=run_coro_as_sync(_train_in_flight(name)),
+    )
+    summary = {
+        "model_name": name, "champion": champion.version, "window": [str(lo), str(hi)],
+        "dataset_drift": result.dataset_drift, "drift_share": result.drift_share, "rows": result.rows_current,
+        "retrain": decision.retrain, "reasons": decision.reasons, "report": link,
+    }  # fmt: skip
+    client.set_registered_model_tag(name, TAG_LAST_DRIFT, json.dumps(summary)[:4900])
+    create_markdown_artifact(
+        key=f"drift-{''.join(c if c.isalnum() else '-' for c in name.lower())}",
+        markdown=drift.drift_markdown(result, link) + "\n\n**Retrain:** " + "; ".join(decision.reasons),
+        description=f"Drift check of {name} v{champion.version}",
+    )
+    if decision.retrain:
+        train_start = (hi - pd.Timedelta(days=s.retrain_window_days)).strftime("%Y-%m-%dT%H:%M:%S")
+        train_end = hi.strftime("%Y-%m-%dT%H:%M:%S")
+        client.set_registered_model_tag(name, TAG_LAST_RETRAIN, hi.isoformat())
+        emit_event(
+            event=DRIFT_EVENT,
+            resource={"prefect.resource.id": f"flywheel.model.{name}", "prefect.resource.name": name},
+            payload={"model_name": name, "start": train_start, "end": train_end, "drift_share": result.drift_share},
+        )
+        logger.info("drift in [%s, %s): retraining scheduled on [%s, %s)", lo, hi, train_start, train_end)
+        summary["retrain_window"] = [train_start, train_end]
+    else:
+        logger.info("no retraining: %s", "; ".join(decision.reasons))
+    return summary

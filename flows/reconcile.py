@@ -1,0 +1,100 @@
+"""The `reconcile` flow: webhooks are fire-and-forget, so on a schedule compare each watched alias with what
+serves and emit the same event the bridge would when they differ.
+
+It also honours the legacy registry stage "Production" (deprecated, fires no webhook): a version moved there
+by stage is treated like a `champion` move — the reconciler moves the alias, which deploys it.
+"""
+
+from __future__ import annotations
+
+from flywheel.flows.deploy import WATCHED_ALIASES, target_for
+from flywheel.tasks import registry
+from flywheel.tasks.serving import TargetError
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+
+from flywheel.settings import get_settings
+
+ALIAS_EVENT = "mlflow.model_version_alias.created"
+STAGE_SYNCED_TAG = "stage_synced_to_champion"
+
+
+def alias_event_resource(name: str, alias: str) -> dict[str, str]:
+    """The resource of an alias event (the bridge emits the same): the registered model, labelled by alias."""
+    return {"prefect.resource.id": f"mlflow.registered_model.{name}", "prefect.resource.name": name, "mlflow.alias": alias}
+
+
+@task(name="sync-production-stage", cache_policy=NO_CACHE)
+def sync_production_stage(name: str) -> str | None:
+    """A version newly moved to the legacy "Production" stage becomes `champion` (once per version)."""
+    client = registry.client()
+    staged = [v for v in client.search_model_versions(f"name = '{name}'") if v.current_stage == registry.PRODUCTION_STAGE]
+    fresh = [v for v in staged if v.tags.get(STAGE_SYNCED_TAG) != "true"]
+    if not fresh:
+        return None
+    newest = max(fresh, key=lambda v: (v.last_updated_timestamp or 0, int(v.version)))
+    registry.set_alias(client, name, registry.CHAMPION, newest.version)
+    for v in fresh:
+        client.set_model_version_tag(name, v.version, STAGE_SYNCED_TAG, "true")
+    return newest.version
+
+
+async def _deploy_in_flight(name: str) -> bool:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    async with get_client() as client:
+        runs = await client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["deploy-model"])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED])
+                )
+            ),
+        )
+    return any(r.parameters.get("name") == name for r in runs)
+
+
+@flow(name="reconcile", log_prints=True)
+def reconcile(model_name: str | None = None) -> dict:
+    """For each watched alias: registry says vN, the target serves vM; when they differ, emit the alias event."""
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    logger = get_run_logger()
+    name = model_name or get_settings().model_name
+    client = registry.client()
+    report: dict[str, dict] = {}
+    staged = sync_production_stage(name)
+    if staged:
+        logger.info("v%s was moved to stage Production: '%s' now points at it", staged, registry.CHAMPION)
+    in_flight = run_coro_as_sync(_deploy_in_flight(name))
+    for alias in WATCHED_ALIASES:
+        want = registry.get_alias_version(client, name, alias)
+        try:
+            have = target_for(alias).active_version()
+        except TargetError as exc:
+            logger.warning("cannot read what serves '%s': %s", alias, exc)
+            report[alias] = {"want": want.version if want else None, "have": None, "action": "target unreachable"}
+            continue
+        entry = {"want": want.version if want else None, "have": have, "action": "in sync"}
+        if want is not None and want.version != have:
+            if in_flight:
+                entry["action"] = "deployment already in flight"
+            else:
+                emit_event(
+                    event=ALIAS_EVENT,
+                    resource=alias_event_resource(name, alias),
+                    payload={"name": name, "alias": alias, "version": want.version, "source": "reconciler"},
+                )
+                entry["action"] = "emitted"
+                logger.info("'%s' is v%s but v%s serves: emitted %s", alias, want.version, have, ALIAS_EVENT)
+        report[alias] = entry
+    return report

@@ -1,0 +1,102 @@
+"""The deployment ledger: every deployment, where a person sees it — MLflow version tags and a Prefect table."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+LEDGER_ROWS = 200
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class DeploymentRecord:
+    model_name: str
+    version: str
+    alias: str
+    target: str
+    url: str
+    trigger: str
+    previous_version: str | None = None
+    event_id: str | None = None
+    flow_run_id: str | None = None
+    started_at: str = field(default_factory=now_iso)
+    finished_at: str | None = None
+    context: str | None = None
+    image: str | None = None
+    outcome: str = "pending"  # serving | failed-smoke | rolled-back-live | failed | superseded
+    reason: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def artifact_key(model_name: str) -> str:
+    return "deployments-" + ("".join(c if c.isalnum() else "-" for c in model_name.lower()).strip("-") or "model")
+
+
+def record_in_registry(mlflow_client, rec: DeploymentRecord) -> None:
+    """Version tags for this deployment, and `last_deployment` on the registered model."""
+    tags = {
+        "deploy_outcome": rec.outcome,
+        "deploy_at": rec.finished_at or rec.started_at,
+        "deploy_alias": rec.alias,
+        "deploy_target": rec.target,
+        "deploy_url": rec.url,
+        "deploy_trigger": rec.trigger,
+        "deploy_previous_version": rec.previous_version or "",
+        "deploy_image": rec.image or "none",
+        "deploy_context": rec.context or "",
+    }
+    if rec.reason:
+        tags["deploy_reason"] = rec.reason[:4000]
+    tags["deploy_outcome"] = tags.pop("deploy_outcome")  # written last: a reader that sees it sees the rest
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(rec.model_name, rec.version, key, value)
+    mlflow_client.set_registered_model_tag(rec.model_name, "last_deployment", json.dumps(rec.as_dict())[:4900])
+
+
+async def _previous_rows(key: str) -> list[dict]:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        latest = await client.read_latest_artifacts(limit=1, artifact_filter=_key_filter(key))
+    if not latest or not latest[0].data:
+        return []
+    data = latest[0].data
+    rows = json.loads(data) if isinstance(data, str) else data
+    return rows if isinstance(rows, list) else []
+
+
+def _key_filter(key: str):
+    from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
+
+    return ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=[key]))
+
+
+def record_in_prefect(rec: DeploymentRecord) -> None:
+    """Append the record to the model's deployment table artifact (newest first, capped)."""
+    from prefect.artifacts import create_table_artifact
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    key = artifact_key(rec.model_name)
+    row = {k: v for k, v in rec.as_dict().items() if k not in ("model_name",)}
+    rows = [row, *run_coro_as_sync(_previous_rows(key))][:LEDGER_ROWS]
+    create_table_artifact(key=key, table=rows, description=f"Deployments of {rec.model_name}, newest first")
+
+
+@task(name="record-deployment", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[1, 3, 5])
+def record(rec: DeploymentRecord) -> DeploymentRecord:
+    from flywheel.tasks import registry
+
+    rec.finished_at = rec.finished_at or now_iso()
+    record_in_registry(registry.client(), rec)
+    record_in_prefect(rec)
+    return rec

@@ -1,0 +1,183 @@
+"""Serving targets: where a registered version goes to serve traffic.
+
+- `local` (embedded default): Flywheel's model server process (flywheel.model_server) at a stable URL. It keeps
+  two slots in one process; the new version is loaded beside the old one, smoke-tested, then swapped in.
+- `kubernetes`: blue/green Deployments behind one Service whose selector switches; rendered as manifests, and
+  applied with kubectl only when a cluster context is configured.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pandas as pd
+
+
+class TargetError(RuntimeError):
+    """A serving target refused or failed an operation."""
+
+
+@dataclass
+class SmokeResult:
+    ok: bool
+    rows: int
+    error_rate: float
+    p50_ms: float
+    reason: str = ""
+
+
+@dataclass
+class LocalTarget:
+    """Client of a running Flywheel model server's admin API (bearer token)."""
+
+    url: str
+    admin_token: str | None
+    name: str = "local"
+    timeout: float = 120.0
+
+    def _call(self, method: str, path: str, **kwargs) -> dict:
+        headers = {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
+        try:
+            resp = httpx.request(method, self.url + path, headers=headers, timeout=self.timeout, **kwargs)
+        except httpx.HTTPError as exc:
+            raise TargetError(f"model server at {self.url} unreachable: {exc}") from exc
+        body = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else {}
+        if resp.status_code >= 400:
+            raise TargetError(f"{method} {path} → {resp.status_code}: {body.get('message') or resp.text[:300]}")
+        return body
+
+    def state(self) -> dict:
+        return self._call("GET", "/admin/state")
+
+    def active_version(self) -> str | None:
+        active = self.state().get("active") or {}
+        return str(active["version"]) if active.get("version") is not None else None
+
+    def load(self, version: str) -> dict:
+        return self._call("POST", "/admin/load", json={"version": str(version)})
+
+    def smoke(self, records: list[dict], *, max_error_rate: float, max_p50_ms: float) -> SmokeResult:
+        body = self._call(
+            "POST", "/admin/smoke", json={"records": records, "max_error_rate": max_error_rate, "max_p50_ms": max_p50_ms}
+        )
+        return SmokeResult(
+            ok=bool(body.get("ok")),
+            rows=int(body.get("rows", len(records))),
+            error_rate=float(body.get("error_rate", 1.0)),
+            p50_ms=float(body.get("p50_ms", 0.0)),
+            reason=str(body.get("reason", "")),
+        )
+
+    def swap(self) -> dict:
+        return self._call("POST", "/admin/swap")
+
+    def rollback(self) -> dict:
+        return self._call("POST", "/admin/rollback")
+
+    def counters(self) -> tuple[int, int]:
+        """(requests, server errors) scored by the active slot since it became active."""
+        active = self.state().get("active") or {}
+        return int(active.get("requests", 0)), int(active.get("errors", 0))
+
+
+def records_for_smoke(sample: pd.DataFrame, features: list[str], rows: int = 200) -> list[dict]:
+    """Held-out rows as JSON records, only the model's input columns."""
+    cols = [c for c in features if c in sample.columns]
+    frame = sample[cols].head(rows)
+    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+
+
+def watch_live(target: LocalTarget, *, seconds: float, max_error_rate: float, min_requests: int = 20) -> tuple[bool, str]:
+    """Watch the live error rate after a switch; (healthy, why)."""
+    start_req, start_err = target.counters()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+        req, err = target.counters()
+        n, e = req - start_req, err - start_err
+        if n >= min_requests and e / n > max_error_rate:
+            return False, f"live error rate {e}/{n} = {e / n:.1%} > {max_error_rate:.1%} after the switch"
+    req, err = target.counters()
+    return True, f"{req - start_req} live requests, {err - start_err} errors in {seconds:.0f}s"
+
+
+# --------------------------------------------------------------------------------------------------- kubernetes
+def kubernetes_manifests(
+    model_name: str,
+    version: str,
+    image: str,
+    *,
+    color: str,
+    namespace: str = "flywheel",
+    port: int = 8080,
+    replicas: int = 2,
+) -> list[dict[str, Any]]:
+    """A blue or green Deployment for one version and the Service whose selector points at `color`.
+
+    Applying the new color's Deployment first and the Service second is the switch; the other color's
+    Deployment stays up for an instant switch back.
+    """
+    app = "".join(c if c.isalnum() else "-" for c in model_name.lower()).strip("-")
+    labels = {"app.kubernetes.io/name": app, "app.kubernetes.io/part-of": "flywheel", "flywheel/color": color}
+    probe = {"httpGet": {"path": "/ping", "port": port}, "initialDelaySeconds": 5, "periodSeconds": 5}
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": f"{app}-{color}",
+            "namespace": namespace,
+            "labels": {**labels, "flywheel/model-version": str(version)},
+        },
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": {**labels, "flywheel/model-version": str(version)}},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "model",
+                            "image": image,
+                            "ports": [{"containerPort": port, "name": "http"}],
+                            "readinessProbe": probe,
+                            "livenessProbe": {**probe, "initialDelaySeconds": 15},
+                            "resources": {
+                                "requests": {"cpu": "250m", "memory": "512Mi"},
+                                "limits": {"cpu": "1", "memory": "1Gi"},
+                            },
+                        }
+                    ]
+                },
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": app, "namespace": namespace, "labels": {"app.kubernetes.io/name": app}},
+        "spec": {
+            "selector": {"app.kubernetes.io/name": app, "flywheel/color": color},
+            "ports": [{"name": "http", "port": 80, "targetPort": port}],
+        },
+    }
+    return [deployment, service]
+
+
+def kubectl_context() -> str | None:
+    """The current kubectl context, or None when kubectl or a context is missing."""
+    if not shutil.which("kubectl"):
+        return None
+    out = subprocess.run(["kubectl", "config", "current-context"], capture_output=True, text=True, timeout=10)
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def apply_manifests(path: str) -> str:
+    out = subprocess.run(["kubectl", "apply", "-f", path], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise TargetError(f"kubectl apply failed: {out.stderr.strip()}")
+    return out.stdout

@@ -1,0 +1,265 @@
+"""The deployment path on a real `flywheel up` stack: alias move → webhook → bridge → Prefect event → deploy-model.
+
+One stack (MLflow, Prefect, production + staging model servers, bridge, `serve` process) on free ports and a
+private state dir for the module; the tests run in order and build on each other's registry state:
+v1 trained by `flywheel train` → champion → served; v2 a model that fails every prediction → smoke test fails,
+champion goes back to v1 and traffic never sees an error; webhook lost (bridge down) → the reconciler deploys
+v3; `prefect deployment run deploy-model/on-alias` by hand; the legacy "Production" stage counts as champion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+MODEL = "flights-deploy-it"
+BIN = Path(sys.executable).parent
+
+
+def _wait(what: str, check, timeout: float = 120.0, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except (httpx.HTTPError, ValueError) as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    from flywheel import processes
+    from flywheel.settings import get_settings
+    from flywheel.stack import Stack
+
+    state = tmp_path_factory.mktemp("stack")
+    env = {
+        "FLYWHEEL_STATE_DIR": str(state),
+        "FLYWHEEL_MODEL_NAME": MODEL,
+        "FLYWHEEL_DEPLOY_WATCH_SECONDS": "3",
+        "FLYWHEEL_RECONCILE_SECONDS": "3600",  # the tests run the reconciler themselves
+        **{f"FLYWHEEL_{p}_PORT": str(processes.free_port()) for p in ("MLFLOW", "PREFECT", "SERVING", "STAGING", "BRIDGE")},
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
+            mp.delenv(key, raising=False)
+        get_settings.cache_clear()
+        st = Stack(get_settings())
+        urls = st.start()
+        try:
+            yield st, urls, {**env, "PREFECT_API_URL": urls["prefect_api_url"], "MLFLOW_TRACKING_URI": urls["mlflow_url"]}
+        finally:
+            st.stop()
+            get_settings.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=stack[1]["mlflow_url"])
+
+
+def served_version(urls) -> str | None:
+    return httpx.get(urls["model_url"] + "/version", timeout=5).json()["model_version"]
+
+
+def run_cli(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    full = {**os.environ, **env}
+    proc = subprocess.run(args, env=full, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def ledger_rows(urls) -> list[dict]:
+    """The deployment table artifact, as a Prefect UI user sees it (newest first)."""
+    resp = httpx.post(
+        urls["prefect_api_url"] + "/artifacts/latest/filter",
+        json={"artifacts": {"key": {"any_": [f"deployments-{MODEL}"]}}, "limit": 1},
+        timeout=10,
+    )
+    resp.raise_for_status()
+    found = resp.json()
+    if not found:
+        return []
+    data = found[0]["data"]
+    return json.loads(data) if isinstance(data, str) else data
+
+
+def test_stack_declares_every_deployment(stack):
+    _, urls, _ = stack
+    for full in ("train/cron", "train/on-drift", "deploy-model/on-alias", "rollback/manual", "reconcile/every-minute",
+                 "check-drift/cron"):  # fmt: skip
+        flow_name, dep = full.split("/")
+        resp = httpx.get(f"{urls['prefect_api_url']}/deployments/name/{flow_name}/{dep}", timeout=10)
+        assert resp.status_code == 200, f"{full} is not deployed"
+    cron = httpx.get(f"{urls['prefect_api_url']}/deployments/name/train/cron", timeout=10).json()
+    assert cron["schedules"] and cron["schedules"][0]["schedule"].get("cron")
+    assert httpx.get(urls["bridge_url"] + "/health", timeout=5).status_code == 200
+    # No champion yet: the model server runs but has nothing to serve.
+    assert httpx.get(urls["model_url"] + "/ping", timeout=5).status_code == 503
+
+
+def test_trained_champion_is_deployed_through_the_webhook(stack, client):
+    st, urls, env = stack
+    run_cli([str(BIN / "flywheel"), "train", "--start", "2013-01-01", "--end", "2013-02-01"], env)
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert champion.version == "1"
+    _wait("the model server to serve v1", lambda: served_version(urls) == "1")
+    v1 = _wait("v1's deployment ledger tag", lambda: client.get_model_version(MODEL, "1").tags.get("deploy_outcome"))
+    assert v1 == "serving"
+    tags = client.get_model_version(MODEL, "1").tags
+    assert tags["deploy_trigger"] == "event"  # the webhook → bridge → Prefect event path, not the reconciler
+    rows = _wait("the ledger artifact", lambda: ledger_rows(urls))
+    assert rows[0]["version"] == "1" and rows[0]["outcome"] == "serving"
+    # The package is a real Docker build context; no engine here, and the ledger says so.
+    assert Path(tags["deploy_context"], "Dockerfile").is_file()
+    assert tags["deploy_image"].startswith("not built")
+    # A scoring request gets the version header.
+    sample = pd.read_parquet(
+        client.download_artifacts(champion.run_id, "reference/holdout_sample.parquet", str(st.root))
+    ).drop(columns=["late"])
+    resp = httpx.post(urls["model_url"] + "/invocations",
+                      json={"dataframe_split": json.loads(sample.head(3).to_json(orient="split", index=False))}, timeout=30)  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["X-Flywheel-Model-Version"] == "1"
+
+
+BROKEN_MODEL = textwrap.dedent(
+    """
+    import mlflow.pyfunc
+    from mlflow.models import set_model
+
+
+    class Broken(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            raise RuntimeError("this model is broken on purpose")
+
+
+    set_model(Broken())
+    """
+)
+
+
+def _register_from_run_of(client, tmp_path, source_version: str, model_path: Path | None) -> str:
+    """A new version in a new run that carries v{source}'s held-out sample (the deploy smoke test reads it): the
+    models-from-code file at `model_path`, or else v{source}'s own sklearn model logged again."""
+    import mlflow
+
+    base = client.get_model_version(MODEL, source_version)
+    local = client.download_artifacts(base.run_id, "reference", str(tmp_path))
+    mlflow.set_tracking_uri(client.tracking_uri)
+    mlflow.set_experiment(f"{MODEL}-manual")
+    with mlflow.start_run():
+        mlflow.log_artifacts(local, "reference")
+        if model_path is not None:
+            info = mlflow.pyfunc.log_model(name="model", python_model=str(model_path))
+        else:
+            model = mlflow.sklearn.load_model(f"models:/{MODEL}/{source_version}")
+            from flywheel.tasks.registry import trusted_types
+
+            info = mlflow.sklearn.log_model(model, name="model", skops_trusted_types=trusted_types(model))
+    return mlflow.register_model(info.model_uri, MODEL).version
+
+
+def test_a_broken_version_fails_its_smoke_test_and_traffic_never_sees_it(stack, client, tmp_path):
+    st, urls, _ = stack
+    code = tmp_path / "broken.py"
+    code.write_text(BROKEN_MODEL)
+    v2 = _register_from_run_of(client, tmp_path, "1", code)
+    sample = pd.read_parquet(tmp_path / "reference" / "holdout_sample.parquet").drop(columns=["late"])
+    rows = sample.head(50).astype(object).where(sample.head(50).notna(), None).to_dict(orient="records")
+
+    statuses: list[int] = []
+    versions: set[str] = set()
+    stop = threading.Event()
+
+    def traffic():
+        with httpx.Client(timeout=30) as http:
+            i = 0
+            while not stop.is_set():
+                r = http.post(urls["model_url"] + "/invocations", json={"dataframe_records": [rows[i % len(rows)]]})
+                statuses.append(r.status_code)
+                versions.add(r.headers.get("X-Flywheel-Model-Version", "?"))
+                i += 1
+                time.sleep(0.02)
+
+    worker = threading.Thread(target=traffic, daemon=True)
+    worker.start()
+    try:
+        client.set_registered_model_alias(MODEL, "champion", v2)
+        outcome = _wait(f"v{v2}'s deployment to fail",
+                        lambda: client.get_model_version(MODEL, v2).tags.get("deploy_outcome"), timeout=180)  # fmt: skip
+        time.sleep(2)
+    finally:
+        stop.set()
+        worker.join(30)
+    assert outcome == "failed-smoke"
+    reason = client.get_model_version(MODEL, v2).tags["deploy_reason"]
+    assert "broken on purpose" in reason and "moved back to v1" in reason
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
+    assert served_version(urls) == "1"
+    assert statuses and set(statuses) == {200}, f"failed requests during the bad deployment: {set(statuses)}"
+    assert versions == {"1"}
+
+
+def test_lost_webhook_is_caught_by_the_reconciler(stack, client, tmp_path):
+    st, urls, env = stack
+    st.children["bridge"].stop()  # webhooks to it are now lost
+    v3 = _register_from_run_of(client, tmp_path, "1", None)
+    client.set_registered_model_alias(MODEL, "champion", v3)
+    time.sleep(3)
+    assert served_version(urls) == "1"  # nobody heard the move
+    run_cli([str(BIN / "prefect"), "deployment", "run", "reconcile/every-minute", "--watch"], env)
+    outcome = _wait(f"v{v3}'s deployment", lambda: client.get_model_version(MODEL, v3).tags.get("deploy_outcome"),
+                    timeout=180)  # fmt: skip
+    assert outcome == "serving"
+    assert client.get_model_version(MODEL, v3).tags["deploy_trigger"] == "event"
+    assert served_version(urls) == v3
+
+
+def test_prefect_cli_runs_a_deployment_by_hand(stack, client):
+    _, urls, env = stack
+    # `-p version=1` would arrive as an int; the flow takes a string (both work, this is the documented form).
+    run_cli([str(BIN / "prefect"), "deployment", "run", "deploy-model/on-alias", "-p", f"name={MODEL}",
+             "-p", 'version="1"', "--watch"], env)  # fmt: skip
+    assert served_version(urls) == "1"
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
+    assert client.get_model_version(MODEL, "1").tags["deploy_trigger"] == "manual"
+
+
+def test_legacy_production_stage_counts_as_champion(stack, client):
+    import warnings
+
+    _, urls, env = stack
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        client.transition_model_version_stage(MODEL, "3", "Production")
+    run_cli([str(BIN / "prefect"), "deployment", "run", "reconcile/every-minute", "--watch"], env)
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "3"
+    _wait("the ledger to show v3 deployed again",
+          lambda: [r["version"] for r in ledger_rows(urls)][:1] == ["3"], timeout=180)  # fmt: skip
+    assert served_version(urls) == "3"
+    # One deployment per move: the ledger holds v3 twice (the reconciler's move and this one), v1 twice, v2 once.
+    outcomes = [(r["version"], r["outcome"]) for r in ledger_rows(urls)]
+    assert outcomes.count(("2", "failed-smoke")) == 1
+    assert outcomes.count(("3", "serving")) == 2
