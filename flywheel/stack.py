@@ -113,6 +113,8 @@ class Stack:
             "PREFECT_API_URL": u["prefect_api_url"],
             "FLYWHEEL_STATE_DIR": str(self.root),
             "PREFECT_HOME": str(self.root / "prefect"),
+            # Prefect's server answers 500 while its database is briefly away; its client retries only 429/502/503.
+            "PREFECT_CLIENT_RETRY_EXTRA_CODES": os.environ.get("PREFECT_CLIENT_RETRY_EXTRA_CODES", "500"),
         }
 
     def start(self) -> dict[str, str]:

@@ -28,6 +28,13 @@ for _var in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "AWS_ENDPOINT_URL_S3", "A
     os.environ.pop(_var, None)
 
 
+def _refresh_prefect_settings() -> None:
+    """Prefect reads its settings once, at import (collection imports it): make it see PREFECT_API_URL now."""
+    from prefect.context import refresh_global_settings_context
+
+    refresh_global_settings_context()
+
+
 @pytest.fixture(scope="session")
 def session_dir() -> Path:
     return _SESSION_DIR
@@ -65,8 +72,10 @@ def prefect_server(session_dir):
         log_path=root / "prefect.log",
     )
     os.environ["PREFECT_API_URL"] = server.url + "/api"
+    _refresh_prefect_settings()
     yield server
     os.environ.pop("PREFECT_API_URL", None)
+    _refresh_prefect_settings()
     server.stop()
 
 
