@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
@@ -51,7 +51,9 @@ def load_current(spec: DatasetSpec, model_name: str, current_uri: str | None, st
         raise drift.DriftDataError(f"no current data in {where}: nothing has been scored yet")
     time_col = spec.event_time if spec.event_time and spec.event_time in frame.columns else "timestamp"
     if time_col not in frame.columns:
-        raise drift.DriftDataError(f"current data has neither the event_time column '{spec.event_time}' nor a timestamp")
+        raise drift.DriftDataError(
+            f"current data has neither the event_time column '{spec.event_time}' nor a timestamp"
+        )
     ts = data.to_utc(frame[time_col])
     if ts.notna().sum() == 0:
         raise drift.DriftDataError(f"current data has no readable event times in '{time_col}'")
@@ -67,6 +69,7 @@ async def _train_in_flight(model_name: str) -> bool:
         FlowFilter,
         FlowFilterName,
         FlowRunFilter,
+        FlowRunFilterExpectedStartTime,
         FlowRunFilterState,
         FlowRunFilterStateType,
     )
@@ -78,7 +81,9 @@ async def _train_in_flight(model_name: str) -> bool:
             flow_run_filter=FlowRunFilter(
                 state=FlowRunFilterState(
                     type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED])
-                )
+                ),
+                # A cron schedule keeps future runs SCHEDULED: only runs due now count as in flight.
+                expected_start_time=FlowRunFilterExpectedStartTime(before_=datetime.now(UTC) + timedelta(minutes=1)),
             ),
         )
     return any((r.parameters.get("model_name") or get_settings().model_name) == model_name for r in runs)
@@ -99,7 +104,49 @@ def log_report(result, html_path: str, model_name: str, version: str, lo, hi) ->
         mlflow.log_artifact(html_path, artifact_path="drift")
         mlflow.log_dict(result.as_dict(), "drift/summary.json")
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    return f"{uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" if uri.startswith("http") else run.info.run_id
+    return (
+        f"{uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        if uri.startswith("http")
+        else run.info.run_id
+    )
+
+
+def drift_metrics(name: str, result, checked_at: float):
+    """The verdict as Prometheus gauges (what infra/'s dashboard and alert rules read)."""
+    from prometheus_client import CollectorRegistry, Gauge
+
+    reg = CollectorRegistry()
+    labels = {"model": name}
+    Gauge("flywheel_drift_share", "Share of drifted columns in the last check", ["model"], registry=reg).labels(
+        **labels
+    ).set(result.drift_share)
+    Gauge("flywheel_drift_detected", "1 when the last check found dataset drift", ["model"], registry=reg).labels(
+        **labels
+    ).set(1 if result.dataset_drift else 0)
+    Gauge(
+        "flywheel_drift_last_check_timestamp_seconds", "When the last drift check ran (Unix time)", ["model"],
+        registry=reg,
+    ).labels(**labels).set(checked_at)  # fmt: skip
+    return reg
+
+
+def push_drift_metrics(name: str, result) -> str:
+    """Push the gauges to the Prometheus Pushgateway at FLYWHEEL_PUSHGATEWAY_URL (a batch job has no endpoint of
+    its own to scrape); without one configured, say so and go on."""
+    import time
+
+    from prometheus_client import push_to_gateway
+
+    url = get_settings().pushgateway_url
+    if not url:
+        return "no Pushgateway configured (FLYWHEEL_PUSHGATEWAY_URL): drift metrics not pushed"
+    try:
+        push_to_gateway(
+            url, job="flywheel-drift", grouping_key={"model": name}, registry=drift_metrics(name, result, time.time())
+        )
+    except OSError as exc:  # monitoring must not fail the check
+        return f"could not push drift metrics to {url}: {exc}"
+    return f"drift metrics pushed to {url}"
 
 
 @flow(name="check-drift", log_prints=True)
@@ -148,6 +195,7 @@ def check_drift(
         "retrain": decision.retrain, "reasons": decision.reasons, "report": link,
     }  # fmt: skip
     client.set_registered_model_tag(name, TAG_LAST_DRIFT, json.dumps(summary)[:4900])
+    logger.info("%s", push_drift_metrics(name, result))
     create_markdown_artifact(
         key=f"drift-{''.join(c if c.isalnum() else '-' for c in name.lower())}",
         markdown=drift.drift_markdown(result, link) + "\n\n**Retrain:** " + "; ".join(decision.reasons),

@@ -7,6 +7,8 @@ by stage is treated like a `champion` move — the reconciler moves the alias, w
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from flywheel.flows.deploy import WATCHED_ALIASES, target_for
 from flywheel.tasks import registry
 from flywheel.tasks.serving import TargetError
@@ -46,6 +48,7 @@ async def _deploy_in_flight(name: str) -> bool:
         FlowFilter,
         FlowFilterName,
         FlowRunFilter,
+        FlowRunFilterExpectedStartTime,
         FlowRunFilterState,
         FlowRunFilterStateType,
     )
@@ -57,7 +60,9 @@ async def _deploy_in_flight(name: str) -> bool:
             flow_run_filter=FlowRunFilter(
                 state=FlowRunFilterState(
                     type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED])
-                )
+                ),
+                # A cron schedule keeps future runs SCHEDULED: only runs due now count as in flight.
+                expected_start_time=FlowRunFilterExpectedStartTime(before_=datetime.now(UTC) + timedelta(minutes=1)),
             ),
         )
     return any(r.parameters.get("name") == name for r in runs)

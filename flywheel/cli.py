@@ -104,10 +104,19 @@ def train(
 
 
 @app.command()
-def demo() -> None:
-    """Train the flights demo (January–February 2013) on the embedded default and register it."""
-    train(spec=None, data=None, params=None, start=None, end=None, model_name=None, target=None, task_type=None,
-          positive_class=None, numeric=None, categorical=None, drop=None, event_time=None)  # fmt: skip
+def demo(
+    months: Annotated[int | None, typer.Option(help="Replay only the first N months after February.")] = None,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the stack up afterwards for exploring.")] = False,
+) -> None:
+    """The closed loop on the embedded default: start the stack, train on January–February 2013, deploy, then
+    replay March–December month by month (serve → drift check → retrain → gate → deploy) and summarise."""
+    from flywheel.demo import DemoError, run_demo
+    from flywheel.settings import get_settings
+
+    try:
+        run_demo(get_settings(), months=months, keep=keep, echo=typer.echo)
+    except (DemoError, *_user_errors()) as exc:
+        _fail(exc)
 
 
 @app.command()

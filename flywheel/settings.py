@@ -37,6 +37,14 @@ class Settings(BaseSettings):
     reference_sample_rows: int = 20_000
     seed: int = 42
 
+    # Competing candidates (a params file with `candidates:`): how the winner is picked and where they train.
+    candidate_metric: str | None = Field(
+        None, description="Holdout metric that picks the best candidate; default f1 (binary) / rmse (regression)."
+    )
+    dask_address: str | None = Field(
+        None, description="Dask scheduler address (tcp://host:8786): candidates train on that cluster, else threads."
+    )
+
     # Embedded-default servers (all bind 127.0.0.1).
     host: str = "127.0.0.1"
     mlflow_port: int = 5050
@@ -61,6 +69,8 @@ class Settings(BaseSettings):
     drift_window_days: float = 30.0
     retrain_cooldown_days: float = 30.0
     retrain_window_days: float = 90.0
+
+    pushgateway_url: str | None = Field(None, description="Prometheus Pushgateway for the drift check's gauges.")
 
     webhook_secret: SecretStr | None = None
     serving_token: SecretStr | None = None

@@ -1,0 +1,326 @@
+"""`flywheel demo`: the closed loop on the embedded default, replayed month by month on the 2013 flights.
+
+Train on January–February → champion → deployed by the alias webhook. Then, for each later month: send that
+month's flights to the model server (the request log records them), run the `check-drift` flow on that
+month (by the data's own event time); when it schedules retraining, wait for the `train/on-drift` run and, when
+its version passes the gate, for the deployment that follows. Everything runs through the real stack (MLflow,
+Prefect, bridge, model server); this module only drives it and writes down what happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import pandas as pd
+
+from flywheel.settings import Settings
+
+FIRST_TRAIN = ("2013-01-01", "2013-03-01")
+SUMMARY_JSON = "demo_summary.json"
+SUMMARY_PNG = "demo_summary.png"
+
+
+class DemoError(RuntimeError):
+    """The loop did not do what it should have (a run failed, serving did not follow the champion)."""
+
+
+@dataclass
+class MonthRow:
+    month: str
+    rows_sent: int
+    serving_errors: int
+    live_f1: float | None
+    drift_share: float | None
+    dataset_drift: bool | None
+    retrained: bool
+    new_version: str | None
+    promoted: bool
+    champion_version: str
+    champion_holdout_f1: float | None
+    note: str = ""
+
+
+def _wait(what: str, check: Callable[[], object], timeout: float, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except (httpx.HTTPError, ValueError):
+            value = None
+        if value:
+            return value
+        time.sleep(interval)
+    raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class Loop:
+    """The demo's view of a running stack."""
+
+    def __init__(self, settings: Settings, urls: dict[str, str], echo: Callable[[str], None]):
+        from mlflow import MlflowClient
+
+        self.s, self.urls, self.echo = settings, urls, echo
+        self.name = settings.model_name
+        self.client = MlflowClient(tracking_uri=urls["mlflow_url"])
+        self.http = httpx.Client(timeout=120)
+
+    # ------------------------------------------------------------------------------------------- registry
+    def champion(self):
+        try:
+            return self.client.get_model_version_by_alias(self.name, "champion")
+        except Exception:  # noqa: BLE001 - no model or no alias yet
+            return None
+
+    def holdout_f1(self, version) -> float | None:
+        if version is None or not version.run_id:
+            return None
+        return self.client.get_run(version.run_id).data.metrics.get("holdout_f1")
+
+    def newest_version(self) -> str | None:
+        versions = self.client.search_model_versions(f"name = '{self.name}'")
+        return max((v.version for v in versions), key=int) if versions else None
+
+    # ------------------------------------------------------------------------------------------- serving
+    def served_version(self) -> str | None:
+        return self.http.get(self.urls["model_url"] + "/version").json().get("model_version")
+
+    def wait_serving(self, version: str, timeout: float = 300) -> None:
+        """Serving follows the champion through webhook → bridge → event → deploy-model; or the deploy fails."""
+
+        def done():
+            if self.served_version() == version:
+                return True
+            outcome = self.client.get_model_version(self.name, version).tags.get("deploy_outcome")
+            if outcome and outcome != "serving":
+                reason = self.client.get_model_version(self.name, version).tags.get("deploy_reason", "")
+                raise DemoError(f"v{version} was not deployed ({outcome}): {reason}")
+            return False
+
+        _wait(f"the model server to serve v{version}", done, timeout)
+
+    def send(self, frame: pd.DataFrame, columns: list[str], target: str, batch: int = 500) -> tuple[int, float | None]:
+        """Score the rows through the model server in batches; (rows that failed, live F1 against the labels)."""
+        from sklearn.metrics import f1_score
+
+        errors, preds, truth = 0, [], []
+        for i in range(0, len(frame), batch):
+            part = frame.iloc[i : i + batch]
+            body = json.loads(part[columns].to_json(orient="split", index=False, date_format="iso"))
+            resp = self.http.post(self.urls["model_url"] + "/invocations", json={"dataframe_split": body})
+            if resp.status_code != 200:
+                errors += len(part)
+                continue
+            preds.extend(resp.json()["predictions"])
+            truth.extend(part[target].tolist())
+        live_f1 = float(f1_score(truth, [int(p) for p in preds])) if truth else None
+        return errors, live_f1
+
+    def wait_request_log_flushed(self, timeout: float = 60) -> None:
+        token = self.s.secret("admin_token")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+        def flushed():
+            state = self.http.get(self.urls["model_url"] + "/admin/state", headers=headers).json()
+            return (state.get("request_log") or {}).get("buffered_rows", 1) == 0
+
+        _wait("the request log to reach disk", flushed, timeout, interval=0.5)
+
+    # ------------------------------------------------------------------------------------------- Prefect
+    def wait_retraining(self, since: float, timeout: float = 900) -> dict:
+        """The `train/on-drift` run the drift event started (created after `since`), to its end."""
+        api = self.urls["prefect_api_url"]
+
+        def find():
+            resp = self.http.post(
+                api + "/flow_runs/filter",
+                json={"flows": {"name": {"any_": ["train"]}}, "sort": "EXPECTED_START_TIME_DESC", "limit": 5},
+            )
+            resp.raise_for_status()
+            fresh = [r for r in resp.json() if pd.Timestamp(r["created"]).timestamp() >= since - 1]
+            return fresh[0] if fresh else None
+
+        run = _wait("the drift event to start a train run", find, 120)
+
+        def finished():
+            r = self.http.get(f"{api}/flow_runs/{run['id']}").json()
+            return r if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+
+        return _wait(f"train run {run['name']} to finish", finished, timeout, interval=2)
+
+
+def month_bounds(first: str = "2013-03-01", last: str = "2014-01-01") -> list[tuple[str, str]]:
+    starts = pd.date_range(first, last, freq="MS")
+    return [(a.strftime("%Y-%m-%d"), b.strftime("%Y-%m-%d")) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
+def replay(loop: Loop, months: int | None = None) -> list[MonthRow]:
+    from flywheel.flows.check_drift import check_drift
+    from flywheel.flows.train import train as train_flow
+    from flywheel.spec import load_spec
+    from flywheel.tasks import data
+
+    s, echo = loop.s, loop.echo
+    spec = load_spec(s.spec)
+    echo(f"Training {loop.name} on {FIRST_TRAIN[0]} .. {FIRST_TRAIN[1]} ...")
+    first = train_flow(start=FIRST_TRAIN[0], end=FIRST_TRAIN[1])
+    champion = loop.champion()
+    if champion is None:
+        raise DemoError(f"the first model did not become champion: {first.get('gate')}")
+    loop.wait_serving(champion.version)
+    echo(f"v{champion.version} is champion and serves at {loop.urls['model_url']}")
+
+    flights = data.pull_dataset(spec)
+    columns = [*spec.numeric, *spec.categorical, spec.event_time]
+    rows: list[MonthRow] = []
+    for lo, hi in month_bounds()[:months]:
+        month = data.window(flights, spec.event_time, lo, hi)
+        errors, live_f1 = loop.send(month, columns, spec.target)
+        loop.wait_request_log_flushed()
+        t0 = time.time()
+        # The check-drift flow in this process (a flow run in the Prefect UI like the cron deployment's, without a
+        # fresh process per month); the retraining it schedules goes through the event and `train/on-drift`.
+        verdict = check_drift(model_name=loop.name, start=lo, end=hi)
+        row = MonthRow(
+            month=lo[:7], rows_sent=len(month), serving_errors=errors, live_f1=live_f1,
+            drift_share=verdict.get("drift_share"), dataset_drift=verdict.get("dataset_drift"),
+            retrained=bool(verdict.get("retrain")), new_version=None, promoted=False,
+            champion_version=champion.version, champion_holdout_f1=loop.holdout_f1(champion),
+        )  # fmt: skip
+        if row.retrained:
+            before = loop.newest_version()
+            run = loop.wait_retraining(t0)
+            if run["state_type"] != "COMPLETED":
+                row.note = f"retraining run {run['name']} ended {run['state_name']}"
+            newest = loop.newest_version()
+            row.new_version = newest if newest != before else None
+            now = loop.champion()
+            if now is not None and now.version != champion.version:
+                row.promoted, champion = True, now
+                loop.wait_serving(champion.version)
+                row.champion_version, row.champion_holdout_f1 = champion.version, loop.holdout_f1(champion)
+            elif row.new_version:
+                gate = loop.client.get_model_version(loop.name, row.new_version).tags.get("gate_reasons", "")
+                row.note = row.note or f"v{row.new_version} kept as challenger: {gate[:160]}"
+        else:
+            row.note = "; ".join(verdict.get("reasons") or [])[:160]
+        rows.append(row)
+        echo(_format_row(row))
+    return rows
+
+
+def _format_row(r: MonthRow) -> str:
+    share = f"{r.drift_share:.2f}" if r.drift_share is not None else "-"
+    f1 = f"{r.live_f1:.3f}" if r.live_f1 is not None else "-"
+    hf1 = f"{r.champion_holdout_f1:.3f}" if r.champion_holdout_f1 is not None else "-"
+    return (
+        f"{r.month}  rows {r.rows_sent:>6}  drift {share:>5}  retrained {'yes' if r.retrained else 'no ':3}  "
+        f"promoted {'yes' if r.promoted else 'no ':3}  champion v{r.champion_version:<3} holdout F1 {hf1}  "
+        f"live F1 {f1}  serving errors {r.serving_errors}"
+    )
+
+
+def summary_table(rows: list[MonthRow]) -> str:
+    head = "| month | drift share | retrained? | promoted? | champion | holdout F1 | live F1 | serving errors |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r.month} | {'-' if r.drift_share is None else f'{r.drift_share:.2f}'} | {'yes' if r.retrained else 'no'} "
+            f"| {'yes' if r.promoted else 'no'} | v{r.champion_version} "
+            f"| {'-' if r.champion_holdout_f1 is None else f'{r.champion_holdout_f1:.3f}'} "
+            f"| {'-' if r.live_f1 is None else f'{r.live_f1:.3f}'} | {r.serving_errors} |"
+        )
+    return "\n".join(lines)
+
+
+def chart(rows: list[MonthRow], path: Path, drift_share_threshold: float) -> Path:
+    """Drift share and F1 over the months, promotions marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    months = [r.month for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
+    ax.plot(months, [r.drift_share or 0 for r in rows], "o-", label="drift share (Evidently)")
+    ax.plot(months, [r.live_f1 or 0 for r in rows], "s-", label="live F1 (served predictions vs labels)")
+    ax.plot(months, [r.champion_holdout_f1 or 0 for r in rows], "^--", label="champion holdout F1")
+    ax.axhline(drift_share_threshold, color="grey", lw=0.8, ls=":", label=f"drift threshold {drift_share_threshold}")
+    for i, r in enumerate(rows):
+        if r.promoted:
+            ax.axvline(i, color="green", alpha=0.3, lw=6)
+            ax.annotate(f"v{r.champion_version}", (i, 0.97), ha="center", color="green", fontsize=8)
+        elif r.retrained:
+            ax.annotate("retrained,\nnot promoted", (i, 0.9), ha="center", color="darkorange", fontsize=7)
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Flywheel demo: drift and quality month by month (green: new champion deployed)")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def publish(loop: Loop, rows: list[MonthRow], out_dir: Path) -> dict:
+    """Summary JSON + PNG in the state dir, the same logged to an MLflow run, a Prefect artifact linking to it."""
+    import mlflow
+    from prefect.artifacts import create_markdown_artifact
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {"model_name": loop.name, "months": [asdict(r) for r in rows]}
+    (out_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2))
+    png = chart(rows, out_dir / SUMMARY_PNG, loop.s.drift_share)
+    mlflow.set_tracking_uri(loop.urls["mlflow_url"])
+    mlflow.set_experiment(f"{loop.s.experiment_name}-demo")
+    with mlflow.start_run(run_name="demo-replay-2013") as run:
+        mlflow.log_artifact(str(png), "demo")
+        mlflow.log_dict(summary, "demo/summary.json")
+        mlflow.log_text(summary_table(rows), "demo/summary.md")
+    link = f"{loop.urls['mlflow_url']}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    create_markdown_artifact(
+        key="flywheel-demo",
+        markdown=f"# Flywheel demo: 2013 replay\n\n{summary_table(rows)}\n\nChart and JSON: [MLflow run]({link})",
+        description="Month-by-month replay of the closed loop",
+    )
+    summary["mlflow_run"] = link
+    return summary
+
+
+def run_demo(settings: Settings, *, months: int | None, keep: bool, echo: Callable[[str], None] = print) -> dict:
+    from prefect.context import refresh_global_settings_context
+
+    from flywheel import local
+    from flywheel.stack import Stack
+
+    stack = None
+    urls = local.running_stack(settings)
+    if urls is None:
+        # A replay moves through months in seconds: watch each new version's live traffic briefly.
+        os.environ.setdefault("FLYWHEEL_DEPLOY_WATCH_SECONDS", "5")
+        stack = Stack(settings)
+        echo("Starting the stack (MLflow, Prefect, model servers, webhook bridge, deployments) ...")
+        urls = stack.start()
+    os.environ["MLFLOW_TRACKING_URI"] = urls["mlflow_url"]
+    os.environ["PREFECT_API_URL"] = urls["prefect_api_url"]
+    refresh_global_settings_context()
+    echo(f"MLflow UI: {urls['mlflow_url']}   Prefect UI: {urls['prefect_url']}   model: {urls['model_url']}")
+    try:
+        loop = Loop(settings, urls, echo)
+        rows = replay(loop, months)
+        summary = publish(loop, rows, local.state_dir(settings))
+        echo("")
+        echo(summary_table(rows))
+        echo(f"\nSummary: {local.state_dir(settings) / SUMMARY_JSON} and {SUMMARY_PNG}; MLflow run {summary['mlflow_run']}")
+        if stack is not None and keep:
+            echo("The stack stays up for exploring (--keep); Ctrl-C stops it.")
+            stack.run_until_signalled()
+        return summary
+    finally:
+        if stack is not None:
+            stack.stop()

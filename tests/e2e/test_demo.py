@@ -1,0 +1,50 @@
+"""The whole loop, as a newcomer runs it: `flywheel demo` on the embedded default, from nothing.
+
+The stack starts (MLflow, Prefect, model servers, bridge, deployments), January–February trains v1 which is
+deployed through the alias webhook, then four months are replayed through the model server and the drift check;
+June's weather drift schedules a retraining on a rolling window through the `flywheel.drift.detected` event.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
+
+BIN = Path(sys.executable).parent
+
+
+def test_demo_closes_the_loop(tmp_path):
+    from flywheel.processes import free_port
+
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_HOME")}
+    env.update({"FLYWHEEL_STATE_DIR": str(state), "FLYWHEEL_MODEL_NAME": "flights-e2e"})
+    env.update({f"FLYWHEEL_{p}_PORT": str(free_port()) for p in ("MLFLOW", "PREFECT", "SERVING", "STAGING", "BRIDGE")})
+    proc = subprocess.run(
+        [str(BIN / "flywheel"), "demo", "--months", "4"], env=env, capture_output=True, text=True, timeout=1400
+    )
+    assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+
+    summary = json.loads((state / "demo_summary.json").read_text())
+    months = summary["months"]
+    assert [m["month"] for m in months] == ["2013-03", "2013-04", "2013-05", "2013-06"]
+    for m in months:
+        assert m["rows_sent"] > 20_000 and m["serving_errors"] == 0, m
+        assert 0 <= m["drift_share"] <= 1 and 0.2 < m["live_f1"] < 0.8, m
+    assert not any(m["retrained"] for m in months[:3])  # spring: below the drift-share threshold
+    june = months[3]
+    assert june["dataset_drift"] and june["retrained"] and june["new_version"] == "2", june
+    # v2 passed the gate and serves, or stayed challenger with the gate's reasons: either way it was decided.
+    assert june["promoted"] == (june["champion_version"] == "2")
+    assert june["promoted"] or "challenger" in june["note"]
+    assert (state / "demo_summary.png").stat().st_size > 10_000
+    assert "| 2013-06 |" in proc.stdout
+    # Nothing is left running: the stack file is gone with the stack.
+    assert not (state / "stack.json").exists()

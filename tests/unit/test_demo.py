@@ -1,0 +1,47 @@
+"""The demo's pure parts: month windows, the summary table and chart, the drift gauges."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from flywheel.demo import MonthRow, chart, month_bounds, summary_table
+
+
+def _row(month: str, **kw) -> MonthRow:
+    base = dict(month=month, rows_sent=100, serving_errors=0, live_f1=0.45, drift_share=0.4, dataset_drift=False,
+                retrained=False, new_version=None, promoted=False, champion_version="1", champion_holdout_f1=0.5)  # fmt: skip
+    return MonthRow(**{**base, **kw})
+
+
+def test_month_bounds_cover_march_to_december_without_gaps():
+    bounds = month_bounds()
+    assert bounds[0] == ("2013-03-01", "2013-04-01") and bounds[-1] == ("2013-12-01", "2014-01-01")
+    assert len(bounds) == 10
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+
+
+def test_summary_table_has_a_row_per_month_and_marks_promotions():
+    rows = [_row("2013-03"), _row("2013-06", drift_share=0.67, retrained=True, promoted=True, champion_version="2",
+                                   new_version="2")]  # fmt: skip
+    table = summary_table(rows).splitlines()
+    assert table[0].startswith("| month | drift share | retrained? | promoted? | champion | holdout F1")
+    assert table[2] == "| 2013-03 | 0.40 | no | no | v1 | 0.500 | 0.450 | 0 |"
+    assert table[3] == "| 2013-06 | 0.67 | yes | yes | v2 | 0.500 | 0.450 | 0 |"
+    assert summary_table([_row("2013-04", drift_share=None, live_f1=None)]).endswith("| - | no | no | v1 | 0.500 | - | 0 |")
+
+
+def test_chart_is_a_png(tmp_path):
+    rows = [_row("2013-03"), _row("2013-04", retrained=True), _row("2013-05", promoted=True, champion_version="2")]
+    path = chart(rows, tmp_path / "c.png", 0.55)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000
+
+
+def test_drift_gauges_carry_the_verdict():
+    from flywheel.flows.check_drift import drift_metrics
+    from prometheus_client import generate_latest
+
+    text = generate_latest(drift_metrics("m", SimpleNamespace(drift_share=0.6, dataset_drift=True), 1700000000.0))
+    text = text.decode()
+    assert 'flywheel_drift_share{model="m"} 0.6' in text
+    assert 'flywheel_drift_detected{model="m"} 1.0' in text
+    assert 'flywheel_drift_last_check_timestamp_seconds{model="m"} 1.7e+09' in text
