@@ -196,6 +196,18 @@ def check_drift(
     }  # fmt: skip
     client.set_registered_model_tag(name, TAG_LAST_DRIFT, json.dumps(summary)[:4900])
     logger.info("%s", push_drift_metrics(name, result))
+    from flywheel.deployments.alerts import DRIFT_CHECKED_EVENT
+
+    emit_event(  # every verdict, for alerts; the resource label lets an automation match drift only
+        event=DRIFT_CHECKED_EVENT,
+        resource={
+            "prefect.resource.id": f"flywheel.model.{name}",
+            "prefect.resource.name": name,
+            "flywheel.dataset_drift": str(bool(result.dataset_drift)).lower(),
+        },
+        payload={"model_name": name, "drift_share": round(result.drift_share, 4), "start": str(lo), "end": str(hi),
+                 "retrain": decision.retrain, "champion": champion.version},
+    )  # fmt: skip
     create_markdown_artifact(
         key=f"drift-{''.join(c if c.isalnum() else '-' for c in name.lower())}",
         markdown=drift.drift_markdown(result, link) + "\n\n**Retrain:** " + "; ".join(decision.reasons),

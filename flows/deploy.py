@@ -39,6 +39,22 @@ def deploy_lock(name: str, alias: str) -> str:
     return lock
 
 
+def announce_not_deployed(rec: ledger.DeploymentRecord) -> None:
+    """An event for alerts (deployments/alerts.py): this version did not stay deployed, and why."""
+    from prefect.events import emit_event
+
+    from flywheel.deployments.alerts import ROLLED_BACK_EVENT
+
+    emit_event(
+        event=ROLLED_BACK_EVENT,
+        resource={"prefect.resource.id": f"flywheel.model.{rec.model_name}", "prefect.resource.name": rec.model_name},
+        payload={
+            "name": rec.model_name, "version": rec.version, "alias": rec.alias, "outcome": rec.outcome,
+            "reason": rec.reason[:1000], "previous_version": rec.previous_version,
+        },
+    )  # fmt: skip
+
+
 def target_for(alias: str) -> serving.LocalTarget:
     """`champion` serves production traffic; `challenger` goes to the staging server."""
     s = get_settings()
@@ -132,6 +148,7 @@ def deploy_model(
             rec.reason += "; " + move_alias_back(name, alias, previous)
             registry.set_version_tags(registry.client(), name, version, {"deploy_failed_reason": rec.reason[:4000]})
             ledger.record(rec)
+            announce_not_deployed(rec)
             logger.error("v%s not deployed: %s", version, rec.reason)
             return rec.as_dict()
 
@@ -148,6 +165,8 @@ def deploy_model(
             target.rollback()
             rec.outcome, rec.reason = "rolled-back-live", note + "; " + move_alias_back(name, alias, previous)
         ledger.record(rec)
+        if rec.outcome != "serving":
+            announce_not_deployed(rec)
         create_markdown_artifact(
             key=f"deploy-{ledger.artifact_key(name)[len('deployments-'):]}",
             markdown=f"# {name} v{version} → {alias}: {rec.outcome}\n\n```yaml\n{yaml.safe_dump(rec.as_dict())}```",

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     retrain_window_days: float = 90.0
 
     pushgateway_url: str | None = Field(None, description="Prometheus Pushgateway for the drift check's gauges.")
+    alert_webhook_url: str | None = Field(
+        None, description="Slack-compatible incoming webhook: failed runs, rollbacks and drift (Prefect automations)."
+    )
 
     webhook_secret: SecretStr | None = None
     serving_token: SecretStr | None = None

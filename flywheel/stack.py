@@ -137,6 +137,8 @@ class Stack:
             self.children["bridge"] = self._start_bridge()
             self._register_webhook(u["bridge_url"])
             self.children["deployments"] = self._start_deployments()
+            if s.alert_webhook_url:
+                self._ensure_alerts(s.alert_webhook_url)
         except BaseException:
             self.stop()
             raise
@@ -175,6 +177,15 @@ class Stack:
 
         secret = load_or_create_secret(self.root)
         ensure_webhook(registry.client(self.urls()["mlflow_url"]), bridge_url + "/webhooks/mlflow", secret)
+
+    def _ensure_alerts(self, url: str) -> None:
+        from prefect.context import refresh_global_settings_context
+
+        from flywheel.deployments.alerts import ensure_alerts
+
+        os.environ["PREFECT_API_URL"] = self.urls()["prefect_api_url"]
+        refresh_global_settings_context()
+        ensure_alerts(url)
 
     def _start_deployments(self) -> ManagedProcess:
         env = {**self.child_env(), "PREFECT_RUNNER_POLL_FREQUENCY": "2"}

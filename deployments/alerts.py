@@ -1,0 +1,85 @@
+"""Alerts as Prefect automations: a failed or crashed Flywheel run, a deployment rolled back, dataset drift.
+
+Each is an automation on the Prefect server (visible and editable under Automations in the UI) whose action sends
+a notification through one `CustomWebhookNotificationBlock` posting Slack-compatible JSON (`{"text": ...}`) to
+`FLYWHEEL_ALERT_WEBHOOK_URL` (a Slack/Mattermost/Teams incoming webhook, or anything that takes that JSON).
+Prefect evaluates the triggers and sends the notifications itself; this module only declares them.
+"""
+
+from __future__ import annotations
+
+BLOCK_NAME = "flywheel-alerts"
+FLOWS = ("train", "deploy-model", "rollback", "reconcile", "check-drift")
+ROLLED_BACK_EVENT = "flywheel.deployment.rolled-back"
+DRIFT_CHECKED_EVENT = "flywheel.drift.checked"
+
+
+def automation_specs() -> list[dict]:
+    """Name, trigger and message of each alert (Jinja over the triggering event, as Prefect renders it)."""
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    return [
+        {
+            "name": "flywheel: run failed",
+            "trigger": EventTrigger(
+                expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
+                match={"prefect.resource.id": "prefect.flow-run.*"},
+                match_related={"prefect.resource.role": "flow", "prefect.resource.name": list(FLOWS)},
+                posture=Posture.Reactive,
+                threshold=1,
+            ),
+            "subject": "Flywheel: {{ flow.name }} run {{ flow_run.name }} {{ flow_run.state.name }}",
+            "body": "{{ flow.name }} run {{ flow_run.name }} ended {{ flow_run.state.name }}: "
+            "{{ flow_run.state.message }}",
+        },
+        {
+            "name": "flywheel: deployment rolled back",
+            "trigger": EventTrigger(
+                expect={ROLLED_BACK_EVENT},
+                match={"prefect.resource.id": "flywheel.model.*"},
+                posture=Posture.Reactive,
+                threshold=1,
+            ),
+            "subject": "Flywheel: {{ event.payload.name }} v{{ event.payload.version }} not deployed",
+            "body": "{{ event.payload.name }} v{{ event.payload.version }} ({{ event.payload.alias }}): "
+            "{{ event.payload.outcome }}; {{ event.payload.reason }}",
+        },
+        {
+            "name": "flywheel: data drift",
+            "trigger": EventTrigger(
+                expect={DRIFT_CHECKED_EVENT},
+                match={"prefect.resource.id": "flywheel.model.*", "flywheel.dataset_drift": "true"},
+                posture=Posture.Reactive,
+                threshold=1,
+            ),
+            "subject": "Flywheel: drift in {{ event.payload.model_name }}",
+            "body": "{{ event.payload.model_name }}: drift share {{ event.payload.drift_share }} over "
+            "{{ event.payload.start }} .. {{ event.payload.end }}; retraining: {{ event.payload.retrain }}",
+        },
+    ]
+
+
+def ensure_alerts(webhook_url: str) -> list[str]:
+    """Create (or re-create, so a changed URL or message takes effect) the notification block and automations."""
+    from prefect.automations import Automation
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.events.actions import SendNotification
+
+    block = CustomWebhookNotificationBlock(
+        name=BLOCK_NAME, url=webhook_url, method="POST", json_data={"text": "*{{subject}}*\n{{body}}"}
+    )
+    block_id = block.save(BLOCK_NAME, overwrite=True)
+    names = []
+    for spec in automation_specs():
+        try:
+            Automation.read(name=spec["name"]).delete()
+        except ValueError:  # not there yet
+            pass
+        Automation(
+            name=spec["name"],
+            description="Flywheel alert (deployments/alerts.py)",
+            trigger=spec["trigger"],
+            actions=[SendNotification(block_document_id=block_id, subject=spec["subject"], body=spec["body"])],
+        ).create()
+        names.append(spec["name"])
+    return names
