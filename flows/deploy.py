@@ -55,6 +55,27 @@ def announce_not_deployed(rec: ledger.DeploymentRecord) -> None:
     )  # fmt: skip
 
 
+def kubernetes_step(name: str, version: str, pkg, s) -> None:
+    """Blue/green manifests for the version, always rendered into its package; applied (new color, rollout, then
+    the Service switch) only with `FLYWHEEL_DEPLOY_TARGET=kubernetes`, a kubectl context and a built image."""
+    logger = get_run_logger()
+    client = registry.client()
+    live = client.get_registered_model(name).tags.get("k8s_live_color")
+    path, color = serving.render_kubernetes(name, version, pkg.image_tag, pkg.context_dir, live_color=live,
+                                            namespace=s.kubernetes_namespace)  # fmt: skip
+    if s.deploy_target != "kubernetes":
+        return
+    context = serving.kubectl_context()
+    if context is None or not pkg.image_id:
+        why = "no kubectl context" if context is None else f"no image ({pkg.engine})"
+        logger.warning("kubernetes target: %s; manifests rendered at %s, not applied", why, path)
+        return
+    with open(path, encoding="utf-8") as fh:
+        deployment = next(yaml.safe_load_all(fh))["metadata"]["name"]
+    logger.info("%s", serving.apply_blue_green(path, deployment, s.kubernetes_namespace))
+    client.set_registered_model_tag(name, "k8s_live_color", color)
+
+
 def target_for(alias: str) -> serving.LocalTarget:
     """`champion` serves production traffic; `challenger` goes to the staging server."""
     s = get_settings()
@@ -136,6 +157,7 @@ def deploy_model(
         try:
             pkg = package(name, version, str(s.state_path / "packages"), s.build_images)
             rec.context, rec.image = pkg.context_dir, pkg.image_id or f"not built: {pkg.engine}"
+            kubernetes_step(name, version, pkg, s)
             target.load(version)
             smoke = smoke_test(target, name, version)
         except Exception as exc:  # anything before the switch: the version never serves

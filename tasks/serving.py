@@ -181,3 +181,40 @@ def apply_manifests(path: str) -> str:
     if out.returncode != 0:
         raise TargetError(f"kubectl apply failed: {out.stderr.strip()}")
     return out.stdout
+
+
+def render_kubernetes(model_name: str, version: str, image: str, out_dir: str, *, live_color: str | None,
+                      namespace: str) -> tuple[str, str]:
+    """Write the blue/green manifests for `version` (the color that is not live) to `out_dir`; (path, color)."""
+    import yaml
+
+    color = "green" if live_color == "blue" else "blue"
+    docs = kubernetes_manifests(model_name, version, image, color=color, namespace=namespace)
+    path = f"{out_dir.rstrip('/')}/kubernetes-{color}.yaml"
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump_all(docs, fh, sort_keys=False)
+    return path, color
+
+
+def apply_blue_green(path: str, deployment_name: str, namespace: str, timeout_s: int = 300) -> str:
+    """Apply the new color's Deployment, wait for its rollout (readiness on /ping), then switch the Service."""
+    import yaml
+
+    with open(path, encoding="utf-8") as fh:
+        deployment, service = list(yaml.safe_load_all(fh))
+    for doc in (deployment,):
+        out = subprocess.run(["kubectl", "apply", "-f", "-"], input=yaml.safe_dump(doc), capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+        if out.returncode != 0:
+            raise TargetError(f"kubectl apply failed: {out.stderr.strip()}")
+    status = subprocess.run(
+        ["kubectl", "rollout", "status", f"deployment/{deployment_name}", "-n", namespace, f"--timeout={timeout_s}s"],
+        capture_output=True, text=True, timeout=timeout_s + 30,
+    )  # fmt: skip
+    if status.returncode != 0:
+        raise TargetError(f"rollout of {deployment_name} did not become ready: {status.stderr.strip()}")
+    out = subprocess.run(["kubectl", "apply", "-f", "-"], input=yaml.safe_dump(service), capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    if out.returncode != 0:
+        raise TargetError(f"kubectl apply (service switch) failed: {out.stderr.strip()}")
+    return f"{deployment_name} ready; service switched"
