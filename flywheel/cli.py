@@ -227,6 +227,22 @@ def rollback(
     typer.echo(f"champion of {result['name']}: v{result['from']} → v{result['to']}")
 
 
+@app.command("rotate-webhook-secret")
+def rotate_webhook_secret() -> None:
+    """Replace the MLflow webhook's signing secret of a running stack; no delivery is lost during the switch."""
+    from flywheel import local
+    from flywheel.deployments.bridge import rotate_secret
+    from flywheel.settings import get_settings
+    from flywheel.tasks import registry
+
+    settings = get_settings()
+    stack = local.running_stack(settings)
+    if not stack:
+        _fail(RuntimeError(f"no Flywheel stack is running from {settings.state_path}: start it with `flywheel up`"))
+    rotate_secret(settings.state_path, registry.client(stack["mlflow_url"]), stack["bridge_url"] + "/webhooks/mlflow")
+    typer.echo("webhook secret rotated (MLflow webhook updated; the bridge accepts the old one for a grace period)")
+
+
 def _write_effective_spec(settings, ds) -> Path:
     """CLI overrides become a spec file in the state dir so the flow run records exactly what it used."""
     import yaml
