@@ -136,6 +136,66 @@ def trusted_types(model: Any) -> list[str]:
     return skops.io.get_untrusted_types(data=skops.io.dumps(model))
 
 
+def model_params(model_spec: Any) -> dict[str, Any]:
+    """A candidate's MLflow run params: the estimator class path and its hyper-parameters as `model.<name>`."""
+    return {"estimator": model_spec.class_path, **{f"model.{k}": v for k, v in model_spec.params.items()}}
+
+
+def ensure_experiment(mlflow_client, name: str) -> str:
+    """The id of the named experiment, created if missing (safe when two flows create it at once)."""
+    from mlflow.exceptions import MlflowException
+
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return mlflow_client.create_experiment(name)
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+            raise
+        return mlflow_client.get_experiment_by_name(name).experiment_id
+
+
+def start_run(
+    mlflow_client, experiment_id: str, run_name: str, tags: dict[str, Any], parent_run_id: str | None = None
+) -> str:
+    """Create a RUNNING run; with `parent_run_id` it is nested under that run (the `mlflow.parentRunId` tag that
+    `mlflow.start_run(nested=True)` sets). The client API keeps no active-run state, so threads and Dask workers
+    can each open their own nested run under one parent."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    run_tags = {k: str(v) for k, v in tags.items()}
+    if parent_run_id:
+        run_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    return mlflow_client.create_run(experiment_id, tags=run_tags, run_name=run_name).info.run_id
+
+
+def log_run_data(
+    mlflow_client,
+    run_id: str,
+    *,
+    params: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
+    tags: dict[str, Any] | None = None,
+) -> None:
+    """Params, metrics and tags of a run in one request."""
+    import time
+
+    from mlflow.entities import Metric, Param, RunTag
+
+    now = int(time.time() * 1000)
+    mlflow_client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
+        params=[Param(k, str(v)) for k, v in (params or {}).items()],
+        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+    )
+
+
+def end_run(mlflow_client, run_id: str, status: str = "FINISHED") -> None:
+    mlflow_client.set_terminated(run_id, status=status)
+
+
 @dataclass
 class LoggedCandidate:
     run_id: str
@@ -161,16 +221,22 @@ def log_candidate(
     confusion_fig: Any | None = None,
     experiment: str = "flywheel",
     run_name: str | None = None,
+    run_id: str | None = None,
 ) -> LoggedCandidate:
-    """Log one trained candidate as an MLflow run: params, metrics, dataset input, plots, sample and model."""
+    """Log one trained candidate as an MLflow run: params, metrics, dataset input, plots, sample and model.
+
+    With `run_id`, the candidate's existing run (a nested run that already holds its params and metrics) is
+    resumed and completed instead of a new run being started.
+    """
     import mlflow
     from mlflow.models import infer_signature
 
     configure_client_retries()
     mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=run_name, tags=tags) as run:
-        mlflow.log_params({"estimator": model_spec.class_path, **{f"model.{k}": v for k, v in model_spec.params.items()}})
-        mlflow.log_metrics({f"holdout_{k}": v for k, v in metrics.items()})
+    with mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags) as run:
+        if run_id is None:
+            mlflow.log_params(model_params(model_spec))
+            mlflow.log_metrics({f"holdout_{k}": v for k, v in metrics.items()})
         dataset = mlflow.data.from_pandas(training_frame, targets=target, name=dataset_name, digest=data_hash)
         mlflow.log_input(dataset, context="training", tags={"source": dataset_source})
         if confusion_fig is not None:
@@ -274,3 +340,21 @@ def log_and_register(model_name: str, version_tags: dict[str, str], description:
     """Log the candidate's run and create its registry version (with lineage tags) in one step."""
     logged = log_candidate(**log_kwargs)
     return register_version(client(), model_name, logged, version_tags, description)
+
+
+@task(name="open-parent-run", cache_policy=NO_CACHE, **_RETRIES)
+def open_parent_run(experiment: str, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> tuple[str, str]:
+    """The flow's parent MLflow run, under which every candidate logs a nested run: (experiment id, run id)."""
+    mlflow_client = client()
+    experiment_id = ensure_experiment(mlflow_client, experiment)
+    run_id = start_run(mlflow_client, experiment_id, run_name, tags)
+    log_run_data(mlflow_client, run_id, params=params)
+    return experiment_id, run_id
+
+
+@task(name="close-run", cache_policy=NO_CACHE, **_RETRIES)
+def close_run(run_id: str, status: str = "FINISHED", tags: dict[str, Any] | None = None) -> None:
+    mlflow_client = client()
+    if tags:
+        log_run_data(mlflow_client, run_id, tags=tags)
+    end_run(mlflow_client, run_id, status)

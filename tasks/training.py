@@ -6,13 +6,19 @@ import hashlib
 import importlib
 import inspect
 import json
-from dataclasses import dataclass
+import os
+import socket
+import threading
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import yaml
+from flywheel.tasks.evaluation import HIGHER_IS_BETTER, evaluate_model, primary_metric
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, ValidationError
@@ -25,6 +31,9 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from flywheel.spec import DatasetSpec
 
+CLASSIFICATION_METRICS = frozenset({"accuracy", "precision", "recall", "f1", "roc_auc"})
+REGRESSION_METRICS = frozenset({"rmse", "mae", "r2"})
+
 # Short names for the estimators people reach for first; any other `sklearn.*` class path works too.
 ESTIMATORS = {
     "logistic_regression": "sklearn.linear_model.LogisticRegression",
@@ -36,7 +45,9 @@ ESTIMATORS = {
     "gradient_boosting_regressor": "sklearn.ensemble.HistGradientBoostingRegressor",
 }
 DEFAULT_MODEL = {
-    "binary": {"name": "hgb", "estimator": "gradient_boosting", "params": {"class_weight": "balanced", "max_iter": 200}},
+    "binary": {
+        "name": "hgb", "estimator": "gradient_boosting", "params": {"class_weight": "balanced", "max_iter": 200}
+    },
     "regression": {"name": "ridge", "estimator": "ridge", "params": {"alpha": 1.0}},
 }
 
@@ -76,21 +87,65 @@ def load_model_specs(path: str | Path | None, task: str) -> list[ModelSpec]:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ModelSpecError(f"params file {p} is not valid YAML: {exc}") from exc
-    items = raw.get("candidates") if isinstance(raw, dict) and "candidates" in raw else [raw]
+    if isinstance(raw, dict) and "candidates" in raw:
+        return model_specs_from(raw["candidates"], task, f"params file {p}")
+    return model_specs_from([raw], task, f"params file {p}")
+
+
+def model_specs_from(items: Any, task: str, where: str = "candidates") -> list[ModelSpec]:
+    """Validate a list of candidate specs (from a params file or the flow's `candidates` parameter).
+
+    Each must name a scikit-learn estimator of the task's kind with parameters it accepts; a candidate without a
+    name is named after its estimator; names must be unique (they name the MLflow runs).
+    """
     if not isinstance(items, list) or not items:
-        raise ModelSpecError(f"params file {p}: 'candidates' must be a non-empty list")
+        raise ModelSpecError(f"{where}: 'candidates' must be a non-empty list")
     specs = []
     for i, item in enumerate(items):
         try:
-            spec = ModelSpec.model_validate(item)
+            spec = item if isinstance(item, ModelSpec) else ModelSpec.model_validate(item)
         except ValidationError as exc:
-            raise ModelSpecError(f"params file {p}, candidate {i}: {exc.errors()[0]['msg']}") from exc
+            raise ModelSpecError(f"{where}, candidate {i}: {exc.errors()[0]['msg']}") from exc
         cls = resolve_estimator(spec)  # fail early on unknown estimators or parameters
         kind, noun = (ClassifierMixin, "classifier") if task == "binary" else (RegressorMixin, "regressor")
         if not issubclass(cls, kind):
-            raise ModelSpecError(f"params file {p}, candidate {i}: {cls.__name__} is not a {noun} (task '{task}')")
+            raise ModelSpecError(f"{where}, candidate {i}: {cls.__name__} is not a {noun} (task '{task}')")
+        if len(items) > 1 and "name" not in spec.model_fields_set:
+            spec = spec.model_copy(update={"name": spec.estimator.rpartition(".")[2]})
         specs.append(spec)
+    names = [s.name for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ModelSpecError(f"{where}: candidate names must be unique, repeated: {dupes}")
     return specs
+
+
+def resolve_model_specs(params_path: str | Path | None, candidates: list[Any] | None, task: str) -> list[ModelSpec]:
+    """The candidates of a training run: the flow's `candidates` parameter, else the params file, else the
+    task's default model."""
+    if candidates is not None and params_path is not None:
+        raise ModelSpecError("give either a params file or a candidates list, not both")
+    if candidates is not None:
+        return model_specs_from(list(candidates), task, "candidates parameter")
+    return load_model_specs(params_path, task)
+
+
+def selection_metric(task: str, configured: str | None = None) -> str:
+    """The holdout metric that picks the best candidate: the configured one, else F1 (binary) / RMSE (regression)."""
+    known = CLASSIFICATION_METRICS if task == "binary" else REGRESSION_METRICS
+    metric = (configured or primary_metric(task)).strip().lower()
+    if metric not in known:
+        raise ModelSpecError(f"candidate metric '{metric}' is not a {task} metric: use one of {sorted(known)}")
+    return metric
+
+
+def candidate_set_hash(specs: Sequence[ModelSpec], metric: str) -> str:
+    """The lineage `params_hash` of a training run. One candidate: its own hash (single-model files keep theirs).
+    Several: the set of their hashes (order and names do not matter) and the metric that picks the winner."""
+    if len(specs) == 1:
+        return specs[0].params_hash()
+    blob = json.dumps({"candidates": sorted(s.params_hash() for s in specs), "metric": metric}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def resolve_estimator(spec: ModelSpec) -> type:
@@ -200,3 +255,121 @@ def split(df: pd.DataFrame, spec: DatasetSpec, seed: int = 42) -> Split:
 @task(name="train-model", cache_key_fn=_fit_cache_key, cache_expiration=timedelta(days=7), persist_result=True)
 def fit(split: Split, spec: DatasetSpec, model: ModelSpec, seed: int, data_key: str) -> Pipeline:
     return train_model(split, spec, model, seed)
+
+
+# --------------------------------------------------------------------------------------------------- candidates
+@dataclass
+class CandidateResult:
+    """One trained-and-evaluated candidate: its nested MLflow run, where it ran, and the fitted model."""
+
+    name: str
+    model_spec: ModelSpec
+    metrics: dict[str, float]
+    run_id: str | None
+    worker: dict[str, str] = field(default_factory=dict)
+    model: Any = None
+    error: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """What the flow's result and logs say about the candidate (no model object)."""
+        return {
+            "name": self.name,
+            "estimator": self.model_spec.class_path,
+            "params_hash": self.model_spec.params_hash(),
+            "metrics": self.metrics,
+            "run_id": self.run_id,
+            "worker": self.worker,
+            "error": self.error,
+        }
+
+
+def best_candidate(results: Sequence[CandidateResult], metric: str) -> CandidateResult:
+    """The candidate with the best holdout `metric` (higher or lower is better by metric); on a tie, the one
+    listed first. Failed candidates and those without the metric never win; if none can, ModelSpecError."""
+    higher = metric in HIGHER_IS_BETTER
+    ranked = [
+        (i, r) for i, r in enumerate(results)
+        if r.error is None and isinstance(r.metrics.get(metric), int | float) and r.metrics[metric] == r.metrics[metric]
+    ]  # fmt: skip
+    if not ranked:
+        problems = "; ".join(f"{r.name}: {r.error or f'no {metric}'}" for r in results) or "no candidates"
+        raise ModelSpecError(f"no candidate can be selected on '{metric}' ({problems})")
+    _, best = max(ranked, key=lambda ir: (ir[1].metrics[metric] if higher else -ir[1].metrics[metric], -ir[0]))
+    return best
+
+
+def worker_identity() -> dict[str, str]:
+    """Where this code runs: host, process, thread and, on a Dask worker, the worker's address."""
+    ident = {"host": socket.gethostname(), "pid": str(os.getpid()), "thread": threading.current_thread().name}
+    try:
+        from distributed import get_worker
+
+        ident["dask_worker"] = get_worker().address
+    except (ImportError, ValueError):
+        pass
+    return ident
+
+
+def openmp_limit(threads: int | None):
+    """Cap the OpenMP threads of the calling thread only (libgomp keeps the limit per thread); None: no cap.
+
+    Candidates training side by side on threads would each start one OpenMP thread per core; on 2 cores that
+    oversubscription made HistGradientBoosting 2-3x slower (January flights: 29-35 s vs 12-18 s for all three).
+    """
+    if not threads:
+        return nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=threads, user_api="openmp")
+
+
+def candidate_run_name(model: ModelSpec, data_key: str) -> str:
+    return f"{model.name}-{data_key[:8]}"
+
+
+@dataclass(frozen=True)
+class CandidateTracking:
+    """Where a candidate logs its nested run; passed explicitly so a Dask worker needs no MLflow environment."""
+
+    tracking_uri: str | None
+    experiment_id: str
+    parent_run_id: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@task(name="train-candidate", cache_policy=NO_CACHE, task_run_name="train-candidate-{model.name}")
+def train_candidate(
+    model: ModelSpec,
+    split: Split,
+    spec: DatasetSpec,
+    seed: int,
+    data_key: str,
+    positive: Any,
+    tracking: CandidateTracking,
+    openmp_threads: int | None = None,
+) -> CandidateResult:
+    """Fit (through the cached `train-model` task) and evaluate one candidate in its own MLflow run, nested under
+    the flow's parent run: params, holdout metrics and the worker it ran on (tags `flywheel.worker.*`).
+
+    Runs on the flow's candidate task runner (threads, or a Dask worker), so all it needs comes in as arguments.
+    `openmp_threads` caps this thread's OpenMP pool (HistGradientBoosting) while candidates share the cores.
+    """
+    from flywheel.tasks import registry
+
+    mlflow_client = registry.client(tracking.tracking_uri)
+    worker = worker_identity()
+    tags = {**tracking.tags, "flywheel.candidate": model.name, **{f"flywheel.worker.{k}": v for k, v in worker.items()}}
+    run_id = registry.start_run(
+        mlflow_client, tracking.experiment_id, candidate_run_name(model, data_key), tags, tracking.parent_run_id
+    )
+    try:
+        registry.log_run_data(mlflow_client, run_id, params=registry.model_params(model))
+        with openmp_limit(openmp_threads):
+            fitted = fit(split, spec, model, seed, data_key)
+            metrics = evaluate_model(fitted, split.X_test, split.y_test, spec, positive)
+        registry.log_run_data(mlflow_client, run_id, metrics={f"holdout_{k}": v for k, v in metrics.items()})
+    except BaseException:
+        registry.end_run(mlflow_client, run_id, "FAILED")
+        raise
+    registry.end_run(mlflow_client, run_id, "FINISHED")
+    return CandidateResult(model.name, model, metrics, run_id, worker, fitted)

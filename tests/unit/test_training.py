@@ -7,6 +7,8 @@ inputs a serving endpoint will see).
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -311,3 +313,226 @@ def test_regression_pipeline_learns(diabetes, model):
     assert set(metrics) == {"rmse", "mae", "r2"}
     assert metrics["r2"] > 0.2
     assert metrics["rmse"] < float(parts.y_test.std())  # better than predicting the mean
+
+
+# --------------------------------------------------------------------------------------------------- candidates
+CANDIDATES_FILE = Path(__file__).resolve().parents[2] / "flywheel" / "params" / "candidates.yaml"
+
+
+def test_shipped_candidates_file_lists_logreg_hgb_and_random_forest():
+    specs = load_model_specs(CANDIDATES_FILE, "binary")
+    assert [s.name for s in specs] == ["logreg", "hgb", "rf"]
+    assert [resolve_estimator(s) for s in specs] == [
+        LogisticRegression, HistGradientBoostingClassifier, RandomForestClassifier
+    ]  # fmt: skip
+    with pytest.raises(ModelSpecError, match="not a regressor"):
+        load_model_specs(CANDIDATES_FILE, "regression")
+
+
+def test_unnamed_candidates_are_named_after_their_estimator(tmp_path):
+    path = params_file(
+        tmp_path, "candidates:\n  - estimator: ridge\n  - estimator: sklearn.linear_model.LinearRegression\n"
+    )
+    assert [s.name for s in load_model_specs(path, "regression")] == ["ridge", "LinearRegression"]
+    [single] = load_model_specs(params_file(tmp_path, "estimator: ridge\n"), "regression")
+    assert single.name == "model"  # a one-model file keeps its old default name
+
+
+def test_candidate_names_must_be_unique(tmp_path):
+    path = params_file(tmp_path, "candidates:\n  - {name: a, estimator: ridge}\n  - {name: a, estimator: ridge}\n")
+    with pytest.raises(ModelSpecError, match=r"unique, repeated: \['a'\]"):
+        load_model_specs(path, "regression")
+
+
+def test_candidates_parameter_or_params_file(tmp_path):
+    items = [{"name": "lr", "estimator": "logistic_regression"}, ModelSpec(name="rf", estimator="random_forest")]
+    assert [s.name for s in training.resolve_model_specs(None, items, "binary")] == ["lr", "rf"]
+    assert training.resolve_model_specs(None, None, "binary") == [default_model_spec("binary")]
+    assert [s.name for s in training.resolve_model_specs(CANDIDATES_FILE, None, "binary")] == ["logreg", "hgb", "rf"]
+    with pytest.raises(ModelSpecError, match="either a params file or a candidates list"):
+        training.resolve_model_specs(CANDIDATES_FILE, items, "binary")
+    with pytest.raises(ModelSpecError, match="unknown estimator 'nope'"):
+        training.resolve_model_specs(None, [{"estimator": "ridge"}, {"estimator": "nope"}], "regression")
+    with pytest.raises(ModelSpecError, match="non-empty list"):
+        training.resolve_model_specs(None, [], "binary")
+
+
+@pytest.mark.parametrize(
+    ("task", "configured", "expected"),
+    [
+        ("binary", None, "f1"), ("regression", None, "rmse"), ("binary", "ROC_AUC", "roc_auc"),
+        ("regression", "r2", "r2"),
+    ],  # fmt: skip
+)
+def test_selection_metric_defaults_and_settings(task, configured, expected):
+    assert training.selection_metric(task, configured) == expected
+
+
+@pytest.mark.parametrize(("task", "configured"), [("binary", "rmse"), ("regression", "f1"), ("binary", "loss")])
+def test_selection_metric_must_fit_the_task(task, configured):
+    with pytest.raises(ModelSpecError, match=f"'{configured}' is not a {task} metric"):
+        training.selection_metric(task, configured)
+
+
+def test_candidate_set_hash_covers_the_set_not_names_or_order():
+    lr = ModelSpec(name="lr", estimator="logistic_regression", params={"C": 1.0})
+    rf = ModelSpec(name="rf", estimator="random_forest", params={"n_estimators": 10})
+    assert training.candidate_set_hash([lr], "f1") == lr.params_hash()  # single-model lineage is unchanged
+    pair = training.candidate_set_hash([lr, rf], "f1")
+    assert len(pair) == 16 and pair not in {lr.params_hash(), rf.params_hash()}
+    assert training.candidate_set_hash([rf.model_copy(update={"name": "forest"}), lr], "f1") == pair
+    assert training.candidate_set_hash([lr, rf], "roc_auc") != pair  # another metric can pick another winner
+    bigger = rf.model_copy(update={"params": {"n_estimators": 20}})
+    assert training.candidate_set_hash([lr, bigger], "f1") != pair
+    assert training.candidate_set_hash([lr, rf, bigger], "f1") != pair
+
+
+def _result(name, error=None, **metrics):
+    return training.CandidateResult(name, ModelSpec(name=name, estimator="ridge"), metrics, f"run-{name}", error=error)
+
+
+def test_best_candidate_by_metric_direction():
+    results = [_result("a", f1=0.4, rmse=3.0), _result("b", f1=0.6, rmse=2.0), _result("c", f1=0.5, rmse=1.0)]
+    assert training.best_candidate(results, "f1").name == "b"  # higher is better
+    assert training.best_candidate(results, "rmse").name == "c"  # lower is better
+    assert training.best_candidate([_result("x", r2=-0.5), _result("y", r2=-0.1)], "r2").name == "y"
+
+
+def test_best_candidate_tie_goes_to_the_first_listed():
+    assert training.best_candidate([_result("a", f1=0.5), _result("b", f1=0.5)], "f1").name == "a"
+    assert training.best_candidate([_result("a", rmse=1.0), _result("b", rmse=1.0)], "rmse").name == "a"
+
+
+def test_best_candidate_skips_failed_missing_and_nan():
+    results = [
+        _result("failed", error="ValueError: boom", f1=0.99),
+        _result("no-metric", accuracy=0.9),
+        _result("nan", f1=float("nan")),
+        _result("ok", f1=0.1),
+    ]
+    assert training.best_candidate(results, "f1").name == "ok"
+    with pytest.raises(ModelSpecError, match=r"no candidate can be selected on 'f1' \(failed: ValueError: boom; "):
+        training.best_candidate(results[:3], "f1")
+    with pytest.raises(ModelSpecError, match="no candidates"):
+        training.best_candidate([], "f1")
+
+
+def test_candidate_summary_has_no_model_and_names_where_it_ran():
+    result = _result("a", f1=0.5)
+    result.model, result.worker = object(), {"pid": "1"}
+    summary = result.summary()
+    assert summary == {
+        "name": "a", "estimator": "sklearn.linear_model.Ridge", "params_hash": result.model_spec.params_hash(),
+        "metrics": {"f1": 0.5}, "run_id": "run-a", "worker": {"pid": "1"}, "error": None,
+    }  # fmt: skip
+
+
+def test_worker_identity_outside_dask():
+    ident = training.worker_identity()
+    assert ident["pid"] == str(os.getpid()) and ident["host"] and ident["thread"]
+    assert "dask_worker" not in ident
+
+
+class _FakeRegistry:
+    """Records the MLflow calls train_candidate makes (no server)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def client(self, uri=None):
+        self.calls.append(("client", uri))
+        return "client"
+
+    def start_run(self, client, experiment_id, run_name, tags, parent_run_id=None):
+        self.calls.append(("start", experiment_id, run_name, parent_run_id, tags))
+        return "child-1"
+
+    def log_run_data(self, client, run_id, *, params=None, metrics=None, tags=None):
+        self.calls.append(("log", run_id, params, metrics))
+
+    def end_run(self, client, run_id, status="FINISHED"):
+        self.calls.append(("end", run_id, status))
+
+
+@pytest.fixture
+def fake_registry(monkeypatch):
+    from flywheel.tasks import registry
+
+    fake = _FakeRegistry()
+    for name in ("client", "start_run", "log_run_data", "end_run"):
+        monkeypatch.setattr(registry, name, getattr(fake, name))
+    # The cached `train-model` task needs the Prefect engine; its plain function is what it runs.
+    monkeypatch.setattr(training, "fit", lambda split, spec, model, seed, _key: train_model(split, spec, model, seed))
+    return fake
+
+
+def test_train_candidate_logs_a_nested_run(fake_registry, january_split, flights_spec):
+    model = ModelSpec(name="lr", estimator="logistic_regression", params={"max_iter": 300})
+    tracking = training.CandidateTracking("http://mlflow", "7", "parent-1", {"flywheel.flow_run_id": "fr"})
+    result = training.train_candidate.fn(model, january_split, flights_spec, SEED, "abcdef0123", 1, tracking)
+
+    assert result.name == "lr" and result.run_id == "child-1" and result.error is None
+    assert result.metrics["f1"] > 0 and hasattr(result.model, "predict_proba")
+    assert result.worker["pid"] == str(os.getpid())
+    calls = fake_registry.calls
+    assert calls[0] == ("client", "http://mlflow")
+    _, experiment_id, run_name, parent, tags = calls[1]
+    assert (experiment_id, run_name, parent) == ("7", "lr-abcdef01", "parent-1")
+    assert tags["flywheel.candidate"] == "lr" and tags["flywheel.flow_run_id"] == "fr"
+    assert tags["flywheel.worker.pid"] == str(os.getpid())
+    params = {"estimator": "sklearn.linear_model.LogisticRegression", "model.max_iter": 300}
+    assert calls[2] == ("log", "child-1", params, None)
+    assert calls[3][0] == "log" and calls[3][3] == {f"holdout_{k}": v for k, v in result.metrics.items()}
+    assert calls[-1] == ("end", "child-1", "FINISHED")
+
+
+def test_failed_candidate_ends_its_run_failed(fake_registry, january_split, flights_spec):
+    bad = ModelSpec(name="bad", estimator="logistic_regression", params={"C": -1.0})  # sklearn rejects C <= 0
+    tracking = training.CandidateTracking(None, "7", "parent-1")
+    with pytest.raises(ValueError):
+        training.train_candidate.fn(bad, january_split, flights_spec, SEED, "abcdef0123", 1, tracking)
+    assert fake_registry.calls[-1] == ("end", "child-1", "FAILED")
+
+
+def test_candidate_task_runner_threads_by_default_and_dask_when_configured(fresh_settings):
+    from flywheel.flows.train import candidate_task_runner, openmp_threads_per_candidate, runner_label
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    fresh_settings.delenv("FLYWHEEL_DASK_ADDRESS", raising=False)
+    runner = candidate_task_runner(3)
+    assert isinstance(runner, ThreadPoolTaskRunner)
+    assert runner_label(runner) == f"threads:{min(3, os.cpu_count() or 1)}"
+    assert runner_label(candidate_task_runner(1)) == "threads:1"
+    assert openmp_threads_per_candidate(candidate_task_runner(1)) is None  # one at a time: no cap
+    assert openmp_threads_per_candidate(ThreadPoolTaskRunner(max_workers=2)) == max(1, (os.cpu_count() or 1) // 2)
+
+    from flywheel.settings import get_settings
+
+    fresh_settings.setenv("FLYWHEEL_DASK_ADDRESS", "tcp://127.0.0.1:8786")
+    get_settings.cache_clear()
+    runner = candidate_task_runner(3)  # built, not connected: nothing listens there
+    assert isinstance(runner, DaskTaskRunner) and runner.address == "tcp://127.0.0.1:8786"
+    assert runner_label(runner) == "dask:tcp://127.0.0.1:8786"
+    assert openmp_threads_per_candidate(runner) is None
+
+
+def test_openmp_limit_caps_only_the_calling_thread():
+    import threading
+
+    from sklearn.utils._openmp_helpers import _openmp_effective_n_threads
+
+    before = _openmp_effective_n_threads()
+    seen = {}
+
+    def capped():
+        with training.openmp_limit(1):
+            seen["inside"] = _openmp_effective_n_threads()
+
+    thread = threading.Thread(target=capped)
+    thread.start()
+    thread.join()
+    assert seen["inside"] == 1
+    assert _openmp_effective_n_threads() == before
+    with training.openmp_limit(None):
+        assert _openmp_effective_n_threads() == before
