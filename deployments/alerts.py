@@ -71,15 +71,66 @@ def ensure_alerts(webhook_url: str) -> list[str]:
     block_id = block.save(BLOCK_NAME, overwrite=True)
     names = []
     for spec in automation_specs():
-        try:
-            Automation.read(name=spec["name"]).delete()
-        except ValueError:  # not there yet
-            pass
-        Automation(
-            name=spec["name"],
-            description="Flywheel alert (deployments/alerts.py)",
-            trigger=spec["trigger"],
-            actions=[SendNotification(block_document_id=block_id, subject=spec["subject"], body=spec["body"])],
-        ).create()
+        _recreate(
+            Automation(
+                name=spec["name"],
+                description="Flywheel alert (deployments/alerts.py)",
+                trigger=spec["trigger"],
+                actions=[SendNotification(block_document_id=block_id, subject=spec["subject"], body=spec["body"])],
+            )
+        )
         names.append(spec["name"])
     return names
+
+
+ZOMBIE_AUTOMATION = "flywheel: crash zombie flow runs"
+HEARTBEAT_SECONDS = 30
+
+
+def ensure_zombie_detection(within_seconds: float = 90) -> str:
+    """Prefect's documented zombie-run automation: a flow run (started by a deployment, which emits a heartbeat
+    every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds) that goes silent for `within_seconds` is marked Crashed — so a
+    deployment whose process was killed does not block the reconciler (or its lock) forever."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    _recreate(
+        Automation(
+            name=ZOMBIE_AUTOMATION,
+            description="Marks flow runs Crashed when their heartbeats stop (deployments/alerts.py)",
+            trigger=EventTrigger(
+                after={"prefect.flow-run.heartbeat"},
+                expect={
+                    "prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed",
+                },  # fmt: skip
+                match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+                for_each={"prefect.resource.id"},
+                posture=Posture.Proactive,
+                threshold=1,
+                within=timedelta(seconds=within_seconds),
+            ),
+            actions=[
+                ChangeFlowRunState(
+                    state=StateType.CRASHED, message="Flow run marked as crashed: its heartbeats stopped."
+                )
+            ],
+        )
+    )
+    return ZOMBIE_AUTOMATION
+
+
+def _recreate(automation) -> None:
+    """Replace an automation of the same name, so a changed definition takes effect and none is duplicated."""
+    from prefect.automations import Automation
+
+    try:
+        Automation.read(name=automation.name).delete()
+    except ValueError:  # not there yet
+        pass
+    automation.create()

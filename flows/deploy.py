@@ -41,9 +41,8 @@ def deploy_lock(name: str, alias: str) -> str:
 
 def announce_not_deployed(rec: ledger.DeploymentRecord) -> None:
     """An event for alerts (deployments/alerts.py): this version did not stay deployed, and why."""
-    from prefect.events import emit_event
-
     from flywheel.deployments.alerts import ROLLED_BACK_EVENT
+    from prefect.events import emit_event
 
     emit_event(
         event=ROLLED_BACK_EVENT,
@@ -136,11 +135,15 @@ def deploy_model(
     """Deploy `name` v`version` to the target that serves `alias`, blue/green, and roll back on failure."""
     logger = get_run_logger()
     s = get_settings()
+    if name != s.model_name:  # an event about another registered model: nothing of it is ever loaded here
+        logger.info("'%s' is not the model served here ('%s'): ignored", name, s.model_name)
+        return {"outcome": "ignored", "reason": f"{name} is not served here ({s.model_name})"}
     if alias not in WATCHED_ALIASES:
         logger.info("alias '%s' is not deployed anywhere (watched: %s)", alias, ", ".join(WATCHED_ALIASES))
         return {"outcome": "ignored", "alias": alias}
     target = target_for(alias)
-    with concurrency(deploy_lock(name, alias), occupy=1, timeout_seconds=900, strict=True):
+    # A short lease (renewed while this run lives) frees the lock soon after a killed process stops renewing it.
+    with concurrency(deploy_lock(name, alias), occupy=1, timeout_seconds=900, lease_duration=60, strict=True):
         version, why = resolve_version(name, str(version), alias, trigger)
         logger.info("%s", why)
         if not version:

@@ -514,6 +514,16 @@ class ModelServer:
 
     # ------------------------------------------------------------------ admin operations
     async def admin_load(self, body: dict) -> tuple[int, dict]:
+        # Only a version or alias of the configured model: a `uri`, a path or another model's name is refused, never
+        # silently read as "that version number of this model".
+        unknown = sorted(set(body) - {"version", "alias", "force", "wait", "name"})
+        if unknown:
+            raise ApiError(400, "INVALID_PARAMETER_VALUE",
+                           f"unknown field(s) {', '.join(unknown)}: this server loads only versions of "
+                           f"'{self.model_name}' from its registry")  # fmt: skip
+        if "name" in body and body["name"] != self.model_name:
+            raise ApiError(400, "INVALID_PARAMETER_VALUE",
+                           f"this server serves '{self.model_name}' only, not {str(body['name'])[:100]!r}")  # fmt: skip
         version, alias = body.get("version"), body.get("alias")
         if (version is None) == (alias is None):
             raise ApiError(400, "INVALID_PARAMETER_VALUE", 'give exactly one of "version" (e.g. "7") or "alias"')

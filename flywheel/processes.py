@@ -190,7 +190,7 @@ def start_mlflow(
         "--workers", "1",
     ]  # fmt: skip
     mp = spawn("mlflow", cmd, url=f"http://{host}:{port}", log_path=log_path, health_path="/health", env=env)
-    return wait_healthy(mp, timeout)
+    return healthy_or_stopped(mp, timeout)
 
 
 def start_prefect(
@@ -210,4 +210,13 @@ def start_prefect(
         full_env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     cmd = [bin_path("prefect"), "server", "start", "--host", host, "--port", str(port)]
     mp = spawn("prefect", cmd, url=f"http://{host}:{port}", log_path=log_path, health_path="/api/health", env=full_env)
-    return wait_healthy(mp, timeout)
+    return healthy_or_stopped(mp, timeout)
+
+
+def healthy_or_stopped(mp: ManagedProcess, timeout: float) -> ManagedProcess:
+    """Wait for health; on any interruption (Ctrl-C included) stop the child so nothing is left running."""
+    try:
+        return wait_healthy(mp, timeout)
+    except BaseException:
+        mp.stop()
+        raise

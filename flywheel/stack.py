@@ -137,8 +137,7 @@ class Stack:
             self.children["bridge"] = self._start_bridge()
             self._register_webhook(u["bridge_url"])
             self.children["deployments"] = self._start_deployments()
-            if s.alert_webhook_url:
-                self._ensure_alerts(s.alert_webhook_url)
+            self._ensure_automations(s.alert_webhook_url)
         except BaseException:
             self.stop()
             raise
@@ -160,7 +159,7 @@ class Stack:
             role, self._model_server_cmd(role, port, admin_token), url=f"http://{self.settings.host}:{port}",
             log_path=self.root / "logs" / f"{role}.log", health_path="/health", env=env,
         )  # fmt: skip
-        return processes.wait_healthy(mp, timeout=120)
+        return processes.healthy_or_stopped(mp, 120)
 
     def _start_bridge(self) -> ManagedProcess:
         s = self.settings
@@ -169,7 +168,7 @@ class Stack:
             "bridge", cmd, url=self.urls()["bridge_url"], log_path=self.root / "logs" / "bridge.log",
             health_path="/health", env=self.child_env(),
         )  # fmt: skip
-        return processes.wait_healthy(mp, timeout=60)
+        return processes.healthy_or_stopped(mp, 60)
 
     def _register_webhook(self, bridge_url: str) -> None:
         from flywheel.deployments.bridge import ensure_webhook, load_or_create_secret
@@ -178,17 +177,24 @@ class Stack:
         secret = load_or_create_secret(self.root)
         ensure_webhook(registry.client(self.urls()["mlflow_url"]), bridge_url + "/webhooks/mlflow", secret)
 
-    def _ensure_alerts(self, url: str) -> None:
+    def _ensure_automations(self, alert_url: str | None) -> None:
+        """Zombie-run detection always; alert notifications when a webhook URL is configured."""
         from prefect.context import refresh_global_settings_context
 
-        from flywheel.deployments.alerts import ensure_alerts
+        from flywheel.deployments.alerts import ensure_alerts, ensure_zombie_detection
 
         os.environ["PREFECT_API_URL"] = self.urls()["prefect_api_url"]
         refresh_global_settings_context()
-        ensure_alerts(url)
+        ensure_zombie_detection()
+        if alert_url:
+            ensure_alerts(alert_url)
 
     def _start_deployments(self) -> ManagedProcess:
-        env = {**self.child_env(), "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+        from flywheel.deployments.alerts import HEARTBEAT_SECONDS
+
+        # Heartbeats let the zombie automation mark a run Crashed when this process dies under it.
+        env = {**self.child_env(), "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+               "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS)}  # fmt: skip
         cmd = [sys.executable, "-m", "flywheel.deployments.serve"]
         mp = processes.spawn(
             "deployments", cmd, url=self.urls()["prefect_api_url"], log_path=self.root / "logs" / "deployments.log",
