@@ -34,7 +34,7 @@ bench: install
 	$(BIN)/python -m bench
 
 lint: install
-	$(BIN)/ruff check flywheel tasks flows deployments tests
+	$(BIN)/ruff check flywheel tasks flows deployments tests bench infra
 
 # Re-resolve the lock file after changing dependencies in pyproject.toml.
 lock:

@@ -1,0 +1,148 @@
+"""Latency of the loop: from `MlflowClient().set_registered_model_alias(name, "champion", v)` to the production
+model server answering with v (`GET /version`), on the embedded stack (`flywheel.stack.Stack`, started here on
+free ports as `flywheel up` would).
+
+- webhook path: MLflow → signed webhook → bridge → Prefect event → `deploy-model/on-alias` run → blue/green swap;
+- reconciler path: the bridge stopped, the `reconcile` deployment (every FLYWHEEL_RECONCILE_SECONDS) notices the
+  alias and serving differ and emits the same event.
+
+The champion alternates between two registered versions; p50 over the moves. The stack's start is a fixed cost.
+If the stack does not start or a move does not arrive in time, the benchmark reports that error, never a number.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import BenchResult, env_vars, flights, percentile, server_env, stopwatch
+
+TITLE = "registry alias move → model server answers with the new version"
+RECONCILE_SECONDS = 20
+WATCH_SECONDS = 1
+
+
+def wait_for_version(url: str, version: str, timeout: float, poll: float = 0.05) -> float | None:
+    """Seconds until `GET url/version` reports `version` (None on timeout)."""
+    began = time.perf_counter()
+    deadline = began + timeout
+    while time.perf_counter() < deadline:
+        try:
+            resp = httpx.get(url + "/version", timeout=2)
+            if resp.status_code == 200 and str(resp.json().get("model_version")) == str(version):
+                return time.perf_counter() - began
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(poll)
+    return None
+
+
+def register_versions(model_name: str, count: int = 2) -> list[str]:
+    """`count` versions of a small flights model, logged the way the train flow logs them (holdout sample
+    included: the deploy flow's smoke test reads it)."""
+    from flywheel.tasks import registry, training
+    from flywheel.tasks.evaluation import evaluate_model
+
+    from flywheel.spec import load_spec
+
+    spec = load_spec()
+    df = flights()
+    versions = []
+    for i in range(count):
+        jan = df.loc[df["month"] == 1].sample(n=3_000, random_state=100 + i)
+        parts = training.split_dataset(jan, spec, seed=42)
+        model_spec = training.default_model_spec("binary")
+        model = training.train_model(parts, spec, model_spec, 42)
+        metrics = evaluate_model(model, parts.X_test, parts.y_test, spec, 1)
+        cols = [*spec.features, spec.target]
+        logged = registry.log_candidate(
+            model=model, model_spec=model_spec, metrics=metrics, X_example=parts.X_test.head(100),
+            y_example=parts.y_test.head(100), training_frame=jan[cols], reference_sample=jan[cols].head(500),
+            holdout_sample=parts.X_test.assign(**{spec.target: parts.y_test}).head(200), dataset_name="flights",
+            dataset_source="bench", target=spec.target, data_hash=f"bench{i}", tags={}, experiment="bench-latency",
+        )  # fmt: skip
+        mv = registry.register_version(registry.client(), model_name, logged, {"bench": "latency"})
+        versions.append(str(mv.version))
+    return versions
+
+
+def _moves(client: Any, name: str, url: str, versions: list[str], count: int, timeout: float) -> list[float]:
+    """Alternate the champion between the versions `count` times; seconds per move until the server answers."""
+    out = []
+    current = None
+    try:
+        current = str(httpx.get(url + "/version", timeout=3).json().get("model_version"))
+    except (httpx.HTTPError, ValueError):
+        pass
+    for _ in range(count):
+        target = versions[0] if current != versions[0] else versions[1]
+        client.set_registered_model_alias(name, "champion", target)
+        took = wait_for_version(url, target, timeout)
+        if took is None:
+            raise TimeoutError(f"champion moved to v{target}, the model server did not serve it within {timeout:.0f}s")
+        out.append(took)
+        current = target
+    return out
+
+
+def run(quick: bool, root: Path) -> BenchResult:
+    from flywheel import processes
+    from flywheel.settings import Settings, get_settings
+    from flywheel.stack import Stack
+
+    res = BenchResult("latency", TITLE, quick)
+    webhook_moves, reconcile_moves = (2, 1) if quick else (3, 2)
+    name = f"bench-latency-{uuid.uuid4().hex[:8]}"
+    ports = {
+        f"FLYWHEEL_{k}_PORT": str(processes.free_port()) for k in ("MLFLOW", "PREFECT", "SERVING", "STAGING", "BRIDGE")
+    }
+    env = {
+        **ports,
+        "FLYWHEEL_STATE_DIR": str(root / "state"),
+        "FLYWHEEL_MODEL_NAME": name,
+        "FLYWHEEL_DEPLOY_WATCH_SECONDS": str(WATCH_SECONDS),
+        "FLYWHEEL_BUILD_IMAGES": "false",
+        "FLYWHEEL_RECONCILE_SECONDS": str(RECONCILE_SECONDS),
+    }
+    with env_vars(**env):
+        get_settings.cache_clear()
+        stack = Stack(Settings())
+        try:
+            with stopwatch() as t, env_vars(**server_env()):  # the stack's servers as a user would run them
+                urls = stack.start()
+            res.fixed("embedded stack start (MLflow, Prefect, 2 model servers, bridge, deployments)", t["seconds"])
+            with env_vars(MLFLOW_TRACKING_URI=urls["mlflow_url"]):
+                import mlflow
+
+                mlflow.set_tracking_uri(urls["mlflow_url"])
+                from flywheel.tasks import registry
+
+                client = registry.client(urls["mlflow_url"])
+                with stopwatch() as t:
+                    versions = register_versions(name)
+                res.fixed("train + register 2 small versions", t["seconds"])
+                timeout = 180.0
+                first = _moves(client, name, urls["model_url"], versions, 1, timeout)
+                res.fixed("first champion → served (nothing served before; includes the first flow run)", first[0])
+                hooks = _moves(client, name, urls["model_url"], versions, webhook_moves, timeout)
+                res.add("webhook path: alias move → served, p50", percentile(hooks, 50), "s",
+                        note=f"{len(hooks)} moves: {', '.join(f'{x:.1f}' for x in hooks)}")  # fmt: skip
+                res.add("webhook path: max", max(hooks), "s")
+                stack.children.pop("bridge").stop()
+                time.sleep(2)
+                recon = _moves(client, name, urls["model_url"], versions, reconcile_moves, 3 * RECONCILE_SECONDS + 180)
+                res.add("reconciler path (bridge stopped): alias move → served, p50", percentile(recon, 50), "s",
+                        note=f"{len(recon)} moves: {', '.join(f'{x:.1f}' for x in recon)}")  # fmt: skip
+                res.add("reconcile interval", RECONCILE_SECONDS, "s", "info", "FLYWHEEL_RECONCILE_SECONDS for this run")
+                res.add("post-swap watch", WATCH_SECONDS, "s", "info", "FLYWHEEL_DEPLOY_WATCH_SECONDS (after serving)")
+        finally:
+            stack.stop()
+            get_settings.cache_clear()
+    res.notes.append(
+        "The reconciler path waits for the next `reconcile` run: expect up to one interval more than the webhook path."
+    )
+    return res
