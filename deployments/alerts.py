@@ -106,8 +106,11 @@ def ensure_zombie_detection(within_seconds: float = 90) -> str:
             trigger=EventTrigger(
                 after={"prefect.flow-run.heartbeat"},
                 expect={
-                    "prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
-                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed",
+                    "prefect.flow-run.heartbeat",
+                    "prefect.flow-run.Completed",
+                    "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled",
+                    "prefect.flow-run.Crashed",
                 },  # fmt: skip
                 match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
                 for_each={"prefect.resource.id"},

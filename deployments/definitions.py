@@ -2,7 +2,7 @@
 
 | deployment                 | starts when                                   | parameters                            |
 |----------------------------|-----------------------------------------------|---------------------------------------|
-| train/cron                 | cron `FLYWHEEL_TRAIN_CRON` (default 03:00)    | spec_path, data_uri, params_path, start, end, model_name |
+| train/cron                 | cron `FLYWHEEL_TRAIN_CRON` (default 03:00)    | spec_path, data_uri, params_path, … |
 | train/on-drift             | event `flywheel.drift.detected`               | start, end, model_name from the event |
 | deploy-model/on-alias      | event `mlflow.model_version_alias.created`    | name, version, alias, trigger, event_id |
 | rollback/manual            | by hand (UI, CLI)                             | name, alias, to_version               |

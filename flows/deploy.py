@@ -168,7 +168,9 @@ def deploy_model(
             smoke = None
         if smoke is not None and not smoke.ok:
             rec.outcome = "failed-smoke"
-            rec.reason = f"smoke test failed: {smoke.reason} (error rate {smoke.error_rate:.1%}, p50 {smoke.p50_ms:.0f} ms)"
+            rec.reason = (
+                f"smoke test failed: {smoke.reason} (error rate {smoke.error_rate:.1%}, p50 {smoke.p50_ms:.0f} ms)"
+            )
         if rec.outcome != "pending":
             rec.reason += "; " + move_alias_back(name, alias, previous)
             registry.set_version_tags(registry.client(), name, version, {"deploy_failed_reason": rec.reason[:4000]})
@@ -193,7 +195,7 @@ def deploy_model(
         if rec.outcome != "serving":
             announce_not_deployed(rec)
         create_markdown_artifact(
-            key=f"deploy-{ledger.artifact_key(name)[len('deployments-'):]}",
+            key=f"deploy-{ledger.artifact_key(name)[len('deployments-') :]}",
             markdown=f"# {name} v{version} → {alias}: {rec.outcome}\n\n```yaml\n{yaml.safe_dump(rec.as_dict())}```",
             description=f"Deployment of {name} v{version}",
         )
@@ -217,7 +219,10 @@ def rollback(name: str | None = None, alias: str = registry.CHAMPION, to_version
         to_version = max(good, key=lambda v: int(v.version)).version
     registry.set_alias(client, name, alias, str(to_version))
     registry.set_version_tags(
-        client, name, str(to_version), {"rollback_from": current.version if current else "", "rollback_at": ledger.now_iso()}
+        client,
+        name,
+        str(to_version),
+        {"rollback_from": current.version if current else "", "rollback_at": ledger.now_iso()},
     )
     logger.info("'%s' of %s moved from v%s back to v%s", alias, name, current.version if current else "-", to_version)
     return {"name": name, "alias": alias, "from": current.version if current else None, "to": str(to_version)}

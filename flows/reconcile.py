@@ -24,14 +24,20 @@ STAGE_SYNCED_TAG = "stage_synced_to_champion"
 
 def alias_event_resource(name: str, alias: str) -> dict[str, str]:
     """The resource of an alias event (the bridge emits the same): the registered model, labelled by alias."""
-    return {"prefect.resource.id": f"mlflow.registered_model.{name}", "prefect.resource.name": name, "mlflow.alias": alias}
+    return {
+        "prefect.resource.id": f"mlflow.registered_model.{name}",
+        "prefect.resource.name": name,
+        "mlflow.alias": alias,
+    }
 
 
 @task(name="sync-production-stage", cache_policy=NO_CACHE)
 def sync_production_stage(name: str) -> str | None:
     """A version newly moved to the legacy "Production" stage becomes `champion` (once per version)."""
     client = registry.client()
-    staged = [v for v in client.search_model_versions(f"name = '{name}'") if v.current_stage == registry.PRODUCTION_STAGE]
+    staged = [
+        v for v in client.search_model_versions(f"name = '{name}'") if v.current_stage == registry.PRODUCTION_STAGE
+    ]
     fresh = [v for v in staged if v.tags.get(STAGE_SYNCED_TAG) != "true"]
     if not fresh:
         return None

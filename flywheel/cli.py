@@ -8,8 +8,9 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="Flywheel: train, gate, deploy and watch tabular models with Prefect and MLflow.", no_args_is_help=True)
-
+app = typer.Typer(
+    help="Flywheel: train, gate, deploy and watch tabular models with Prefect and MLflow.", no_args_is_help=True
+)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -209,7 +210,9 @@ def status() -> None:
 @app.command()
 def rollback(
     model: Annotated[str | None, typer.Argument(help="Registered model name (default: FLYWHEEL_MODEL_NAME).")] = None,
-    to_version: Annotated[str | None, typer.Option("--to", help="Version to go back to (default: previous good).")] = None,
+    to_version: Annotated[
+        str | None, typer.Option("--to", help="Version to go back to (default: previous good).")
+    ] = None,
 ) -> None:
     """Move `champion` back to the previous good version; the alias event then deploys it."""
     from flywheel import local
@@ -257,7 +260,9 @@ def _write_effective_spec(settings, ds) -> Path:
 
 def _print_train_result(result: dict) -> None:
     if result["status"] == "unchanged":
-        typer.echo(f"{result['model_name']} v{result['version']} already holds this data, params and code: nothing new.")
+        typer.echo(
+            f"{result['model_name']} v{result['version']} already holds this data, params and code: nothing new."
+        )
     else:
         verdict = "promoted to champion" if result["promoted"] else "kept as challenger (gate failed)"
         typer.echo(f"registered {result['model_name']} v{result['version']}: {verdict}")

@@ -230,7 +230,8 @@ def summary_table(rows: list[MonthRow]) -> str:
     lines = [head, "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r.month} | {'-' if r.drift_share is None else f'{r.drift_share:.2f}'} | {'yes' if r.retrained else 'no'} "
+            f"| {r.month} | {'-' if r.drift_share is None else f'{r.drift_share:.2f}'} "
+            f"| {'yes' if r.retrained else 'no'} "
             f"| {'yes' if r.promoted else 'no'} | v{r.champion_version} "
             f"| {'-' if r.champion_holdout_f1 is None else f'{r.champion_holdout_f1:.3f}'} "
             f"| {'-' if r.live_f1 is None else f'{r.live_f1:.3f}'} | {r.serving_errors} |"
@@ -316,7 +317,10 @@ def run_demo(settings: Settings, *, months: int | None, keep: bool, echo: Callab
         summary = publish(loop, rows, local.state_dir(settings))
         echo("")
         echo(summary_table(rows))
-        echo(f"\nSummary: {local.state_dir(settings) / SUMMARY_JSON} and {SUMMARY_PNG}; MLflow run {summary['mlflow_run']}")
+        echo(
+            f"\nSummary: {local.state_dir(settings) / SUMMARY_JSON} and {SUMMARY_PNG}; "
+            f"MLflow run {summary['mlflow_run']}"
+        )
         if stack is not None and keep:
             echo("The stack stays up for exploring (--keep); Ctrl-C stops it.")
             stack.run_until_signalled()

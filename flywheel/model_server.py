@@ -1408,7 +1408,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI (default MLFLOW_TRACKING_URI)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--initial-version", default=None, help="version to load at start")
-    group.add_argument("--initial-alias", default=None, help="alias to load at start (retried while the registry is unreachable; none if it does not exist)")
+    group.add_argument(
+        "--initial-alias",
+        default=None,
+        help="alias to load at start (retried while the registry is unreachable; none if it does not exist)",
+    )
     p.add_argument("--role", default="production", help="label for this server (production, staging)")
     p.add_argument("--request-log-dir", type=Path, default=None, help="where scored rows are written as Parquet")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)

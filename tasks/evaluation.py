@@ -51,7 +51,9 @@ def positive_scores(model: Any, X: pd.DataFrame, positive: Any) -> np.ndarray | 
     return proba[:, idx]
 
 
-def evaluate_model(model: Any, X: pd.DataFrame, y: pd.Series, spec: DatasetSpec, positive: Any = None) -> dict[str, float]:
+def evaluate_model(
+    model: Any, X: pd.DataFrame, y: pd.Series, spec: DatasetSpec, positive: Any = None
+) -> dict[str, float]:
     """Holdout metrics: accuracy/precision/recall/F1/ROC-AUC for binary, RMSE/MAE/R² for regression."""
     y_pred = model.predict(X)
     if spec.task == "regression":

@@ -257,10 +257,14 @@ def log_candidate(
             pip_requirements=pip_requirements(),
             skops_trusted_types=trusted_types(model),
         )
-        return LoggedCandidate(run_id=run.info.run_id, model_uri=info.model_uri, model_id=getattr(info, "model_id", None))
+        return LoggedCandidate(
+            run_id=run.info.run_id, model_uri=info.model_uri, model_id=getattr(info, "model_id", None)
+        )
 
 
-def register_version(mlflow_client, model_name: str, logged: LoggedCandidate, tags: dict[str, str], description: str = ""):
+def register_version(
+    mlflow_client, model_name: str, logged: LoggedCandidate, tags: dict[str, str], description: str = ""
+):
     """Create the registry version with its lineage tags in one call; wait until it is READY."""
     ensure_registered_model(mlflow_client, model_name, "Registered by Flywheel's train flow.")
     return mlflow_client.create_model_version(

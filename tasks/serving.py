@@ -63,7 +63,9 @@ class LocalTarget:
 
     def smoke(self, records: list[dict], *, max_error_rate: float, max_p50_ms: float) -> SmokeResult:
         body = self._call(
-            "POST", "/admin/smoke", json={"records": records, "max_error_rate": max_error_rate, "max_p50_ms": max_p50_ms}
+            "POST",
+            "/admin/smoke",
+            json={"records": records, "max_error_rate": max_error_rate, "max_p50_ms": max_p50_ms},
         )
         return SmokeResult(
             ok=bool(body.get("ok")),
@@ -92,7 +94,9 @@ def records_for_smoke(sample: pd.DataFrame, features: list[str], rows: int = 200
     return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
 
 
-def watch_live(target: LocalTarget, *, seconds: float, max_error_rate: float, min_requests: int = 20) -> tuple[bool, str]:
+def watch_live(
+    target: LocalTarget, *, seconds: float, max_error_rate: float, min_requests: int = 20
+) -> tuple[bool, str]:
     """Watch the live error rate after a switch; (healthy, why)."""
     start_req, start_err = target.counters()
     deadline = time.monotonic() + seconds
@@ -183,8 +187,9 @@ def apply_manifests(path: str) -> str:
     return out.stdout
 
 
-def render_kubernetes(model_name: str, version: str, image: str, out_dir: str, *, live_color: str | None,
-                      namespace: str) -> tuple[str, str]:
+def render_kubernetes(
+    model_name: str, version: str, image: str, out_dir: str, *, live_color: str | None, namespace: str
+) -> tuple[str, str]:
     """Write the blue/green manifests for `version` (the color that is not live) to `out_dir`; (path, color)."""
     import yaml
 

@@ -46,7 +46,9 @@ ESTIMATORS = {
 }
 DEFAULT_MODEL = {
     "binary": {
-        "name": "hgb", "estimator": "gradient_boosting", "params": {"class_weight": "balanced", "max_iter": 200}
+        "name": "hgb",
+        "estimator": "gradient_boosting",
+        "params": {"class_weight": "balanced", "max_iter": 200},
     },
     "regression": {"name": "ridge", "estimator": "ridge", "params": {"alpha": 1.0}},
 }
@@ -224,9 +226,7 @@ def split_dataset(df: pd.DataFrame, spec: DatasetSpec, *, test_size: float = 0.2
     """A seeded holdout split, stratified on the target for classification."""
     X, y = feature_frame(df, spec), target_series(df, spec)
     stratify = y if spec.task == "binary" else None
-    X_train, X_test, y_train, y_test = train_test_split(
-        X, y, test_size=test_size, random_state=seed, stratify=stratify
-    )
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, random_state=seed, stratify=stratify)
     return Split(X_train, X_test, y_train, y_test)
 
 

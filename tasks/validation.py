@@ -78,8 +78,10 @@ def validate_dataset(
                 problems.append(f"target '{spec.target}' has a single class {sorted(map(str, classes))}: cannot train")
             elif len(classes) > 2:
                 problems.append(f"target '{spec.target}' has {len(classes)} classes; task 'binary' needs two")
-            if len(classes) >= 1 and spec.positive_class not in classes and str(spec.positive_class) not in set(
-                map(str, classes)
+            if (
+                len(classes) >= 1
+                and spec.positive_class not in classes
+                and str(spec.positive_class) not in set(map(str, classes))
             ):
                 problems.append(
                     f"positive_class {spec.positive_class!r} does not occur in target '{spec.target}' "

@@ -72,8 +72,11 @@ def test_failed_run_rollback_and_drift_are_notified(prefect_server, receiver):
     emit_event(event=ROLLED_BACK_EVENT, resource=resource,
                payload={"name": "alert-test", "version": "7", "alias": "champion", "outcome": "failed-smoke",
                         "reason": "smoke test failed: error rate 100%"})  # fmt: skip
-    emit_event(event=DRIFT_CHECKED_EVENT, resource={**resource, "flywheel.dataset_drift": "false"},
-               payload={"model_name": "alert-test", "drift_share": 0.1, "start": "a", "end": "b", "retrain": False})  # fmt: skip
+    emit_event(
+        event=DRIFT_CHECKED_EVENT,
+        resource={**resource, "flywheel.dataset_drift": "false"},
+        payload={"model_name": "alert-test", "drift_share": 0.1, "start": "a", "end": "b", "retrain": False},
+    )
     emit_event(event=DRIFT_CHECKED_EVENT, resource={**resource, "flywheel.dataset_drift": "true"},
                payload={"model_name": "alert-test", "drift_share": 0.67, "start": "2013-06-01", "end": "2013-07-01",
                         "retrain": True})  # fmt: skip

@@ -55,7 +55,10 @@ def stack(tmp_path_factory):
         "FLYWHEEL_MODEL_NAME": MODEL,
         "FLYWHEEL_DEPLOY_WATCH_SECONDS": "3",
         "FLYWHEEL_RECONCILE_SECONDS": "3600",  # the tests run the reconciler themselves
-        **{f"FLYWHEEL_{p}_PORT": str(processes.free_port()) for p in ("MLFLOW", "PREFECT", "SERVING", "STAGING", "BRIDGE")},
+        **{
+            f"FLYWHEEL_{p}_PORT": str(processes.free_port())
+            for p in ("MLFLOW", "PREFECT", "SERVING", "STAGING", "BRIDGE")
+        },
     }
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
@@ -66,7 +69,11 @@ def stack(tmp_path_factory):
         st = Stack(get_settings())
         urls = st.start()
         try:
-            yield st, urls, {**env, "PREFECT_API_URL": urls["prefect_api_url"], "MLFLOW_TRACKING_URI": urls["mlflow_url"]}
+            yield (
+                st,
+                urls,
+                {**env, "PREFECT_API_URL": urls["prefect_api_url"], "MLFLOW_TRACKING_URI": urls["mlflow_url"]},
+            )
         finally:
             st.stop()
             get_settings.cache_clear()
@@ -138,8 +145,11 @@ def test_trained_champion_is_deployed_through_the_webhook(stack, client):
     sample = pd.read_parquet(
         client.download_artifacts(champion.run_id, "reference/holdout_sample.parquet", str(st.root))
     ).drop(columns=["late"])
-    resp = httpx.post(urls["model_url"] + "/invocations",
-                      json={"dataframe_split": json.loads(sample.head(3).to_json(orient="split", index=False))}, timeout=30)  # fmt: skip
+    resp = httpx.post(
+        urls["model_url"] + "/invocations",
+        json={"dataframe_split": json.loads(sample.head(3).to_json(orient="split", index=False))},
+        timeout=30,
+    )
     assert resp.status_code == 200, resp.text
     assert resp.headers["X-Flywheel-Model-Version"] == "1"
 
@@ -207,8 +217,11 @@ def test_a_broken_version_fails_its_smoke_test_and_traffic_never_sees_it(stack, 
     worker.start()
     try:
         client.set_registered_model_alias(MODEL, "champion", v2)
-        outcome = _wait(f"v{v2}'s deployment to fail",
-                        lambda: client.get_model_version(MODEL, v2).tags.get("deploy_outcome"), timeout=180)  # fmt: skip
+        outcome = _wait(
+            f"v{v2}'s deployment to fail",
+            lambda: client.get_model_version(MODEL, v2).tags.get("deploy_outcome"),
+            timeout=180,
+        )
         time.sleep(2)
     finally:
         stop.set()

@@ -8,8 +8,19 @@ from flywheel.demo import MonthRow, chart, month_bounds, summary_table
 
 
 def _row(month: str, **kw) -> MonthRow:
-    base = dict(month=month, rows_sent=100, serving_errors=0, live_f1=0.45, drift_share=0.4, dataset_drift=False,
-                retrained=False, new_version=None, promoted=False, champion_version="1", champion_holdout_f1=0.5)  # fmt: skip
+    base = dict(
+        month=month,
+        rows_sent=100,
+        serving_errors=0,
+        live_f1=0.45,
+        drift_share=0.4,
+        dataset_drift=False,
+        retrained=False,
+        new_version=None,
+        promoted=False,
+        champion_version="1",
+        champion_holdout_f1=0.5,
+    )
     return MonthRow(**{**base, **kw})
 
 
@@ -27,7 +38,9 @@ def test_summary_table_has_a_row_per_month_and_marks_promotions():
     assert table[0].startswith("| month | drift share | retrained? | promoted? | champion | holdout F1")
     assert table[2] == "| 2013-03 | 0.40 | no | no | v1 | 0.500 | 0.450 | 0 |"
     assert table[3] == "| 2013-06 | 0.67 | yes | yes | v2 | 0.500 | 0.450 | 0 |"
-    assert summary_table([_row("2013-04", drift_share=None, live_f1=None)]).endswith("| - | no | no | v1 | 0.500 | - | 0 |")
+    assert summary_table([_row("2013-04", drift_share=None, live_f1=None)]).endswith(
+        "| - | no | no | v1 | 0.500 | - | 0 |"
+    )
 
 
 def test_chart_is_a_png(tmp_path):

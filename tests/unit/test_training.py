@@ -43,9 +43,7 @@ def params_file(tmp_path, text: str):
 
 
 # --------------------------------------------------------------------------------------------------- model specs
-@pytest.mark.parametrize(
-    ("task", "cls"), [("binary", HistGradientBoostingClassifier), ("regression", Ridge)]
-)
+@pytest.mark.parametrize(("task", "cls"), [("binary", HistGradientBoostingClassifier), ("regression", Ridge)])
 def test_default_model_spec_per_task(task, cls):
     spec = default_model_spec(task)
     assert resolve_estimator(spec) is cls
@@ -360,7 +358,9 @@ def test_candidates_parameter_or_params_file(tmp_path):
 @pytest.mark.parametrize(
     ("task", "configured", "expected"),
     [
-        ("binary", None, "f1"), ("regression", None, "rmse"), ("binary", "ROC_AUC", "roc_auc"),
+        ("binary", None, "f1"),
+        ("regression", None, "rmse"),
+        ("binary", "ROC_AUC", "roc_auc"),
         ("regression", "r2", "r2"),
     ],  # fmt: skip
 )
