@@ -1,0 +1,694 @@
+"""Issue 8, "What Flywheel survives": each fault is injected for real (a process killed, a server stopped, a request
+forged or replayed) on a real `flywheel up` stack, and the end state is asserted.
+
+One stack for the module (free ports, private state dir, fake AWS credentials in its environment); one model is
+trained once and re-registered as further versions (same run and artifacts) so every deployment is cheap. The
+tests run in order and share the registry; the MLflow-killed-during-train case starts its own MLflow server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
+
+MODEL = "flights-reliability-it"
+INTRUDER = "someone-elses-model"
+BIN = Path(sys.executable).parent
+FAKE_AWS_KEY_ID = "AKIAFAKE" + uuid.uuid4().hex[:12].upper()
+FAKE_AWS_SECRET = "fake-secret-" + uuid.uuid4().hex
+WEBHOOK = "/webhooks/mlflow"
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def _wait(what: str, check, timeout: float = 180.0, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def _iso(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).isoformat()
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _parse(ts: str | None) -> dt.datetime | None:
+    return dt.datetime.fromisoformat(ts.replace("Z", "+00:00")) if ts else None
+
+
+def served_version(url: str) -> str | None:
+    return httpx.get(url + "/version", timeout=5).json()["model_version"]
+
+
+def run_cli(args: list[str], env: dict, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def api(urls, method: str, path: str, **kwargs):
+    resp = httpx.request(method, urls["prefect_api_url"] + path, timeout=30, **kwargs)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def flow_runs(urls, flow_name: str, since: dt.datetime | None = None) -> list[dict]:
+    runs = api(urls, "POST", "/flow_runs/filter", json={"flows": {"name": {"any_": [flow_name]}}, "limit": 200})
+    return [r for r in runs if since is None or _parse(r["created"]) >= since]
+
+
+def events(urls, names: list[str], since: dt.datetime) -> list[dict]:
+    body = {"filter": {"occurred": {"since": _iso(since), "until": _iso(_now() + dt.timedelta(minutes=5))},
+                       "event": {"name": names}}, "limit": 50}  # fmt: skip
+    return api(urls, "POST", "/events/filter", json=body)["events"]
+
+
+def ledger_rows(urls) -> list[dict]:
+    found = api(urls, "POST", "/artifacts/latest/filter",
+                json={"artifacts": {"key": {"any_": [f"deployments-{MODEL}"]}}, "limit": 1})  # fmt: skip
+    if not found:
+        return []
+    data = found[0]["data"]
+    return json.loads(data) if isinstance(data, str) else data
+
+
+def terminal(run: dict) -> bool:
+    return run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+def wait_deploys_done(urls, since: dt.datetime, at_least: int = 1, timeout: float = 180) -> list[dict]:
+    def done():
+        runs = [r for r in flow_runs(urls, "deploy-model", since) if r["parameters"].get("name") == MODEL]
+        return runs if len(runs) >= at_least and all(terminal(r) for r in runs) else None
+
+    return _wait("the deploy-model runs to finish", done, timeout=timeout, interval=1.0)
+
+
+def kill_group(mp) -> None:
+    """SIGKILL a child's whole process group (what an OOM killer or `kill -9` does), then reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(mp.proc.pid, signal.SIGKILL)
+    mp.proc.wait(30)
+
+
+@contextlib.contextmanager
+def supervised(st):
+    """`Stack.supervise` in a background thread, as `flywheel up` runs it; stopped (and re-armed) on exit."""
+    st._stopping.clear()
+    thread = threading.Thread(target=st.supervise, kwargs={"interval": 1.0}, daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        st._stopping.set()
+        thread.join(180)
+        st._stopping.clear()
+
+
+def mlflow_body(name: str, version: str, alias: str | None = "champion", entity: str = "model_version_alias",
+                action: str = "created") -> bytes:  # fmt: skip
+    """A delivery serialised exactly as MLflow does (json.dumps, default separators)."""
+    data = {"name": name, "version": version, **({"alias": alias} if alias else {})}
+    return json.dumps({"entity": entity, "action": action, "timestamp": _iso(_now()), "data": data}).encode()
+
+
+def signed(body: bytes, secret: str, delivery_id: str | None = None, ts: int | None = None) -> dict:
+    from flywheel.deployments.bridge import sign
+
+    delivery_id = delivery_id or str(uuid.uuid4())
+    ts_s = str(int(time.time()) if ts is None else ts)
+    return {"Content-Type": "application/json", "X-MLflow-Delivery-Id": delivery_id, "X-MLflow-Timestamp": ts_s,
+            "X-MLflow-Signature": sign(secret, delivery_id, ts_s, body)}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    from flywheel import processes
+    from flywheel.settings import get_settings
+    from flywheel.stack import Stack
+
+    state = tmp_path_factory.mktemp("reliability")
+    env = {
+        "FLYWHEEL_STATE_DIR": str(state),
+        "FLYWHEEL_MODEL_NAME": MODEL,
+        "FLYWHEEL_DEPLOY_WATCH_SECONDS": "2",
+        "FLYWHEEL_RECONCILE_SECONDS": "3600",  # the tests run the reconciler themselves
+        "AWS_ACCESS_KEY_ID": FAKE_AWS_KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": FAKE_AWS_SECRET,
+        **{
+            f"FLYWHEEL_{p}_PORT": str(processes.free_port())
+            for p in ("MLFLOW", "PREFECT", "SERVING", "STAGING", "BRIDGE")
+        },  # fmt: skip
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "FLYWHEEL_SERVING_TOKEN", "FLYWHEEL_ADMIN_TOKEN",
+                    "FLYWHEEL_WEBHOOK_SECRET"):  # fmt: skip
+            mp.delenv(key, raising=False)
+        get_settings.cache_clear()
+        st = Stack(get_settings())
+        urls = st.start()
+        try:
+            clients = {"PREFECT_API_URL": urls["prefect_api_url"], "MLFLOW_TRACKING_URI": urls["mlflow_url"]}
+            yield st, urls, {**env, **clients}
+        finally:
+            st.stop()
+            get_settings.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=stack[1]["mlflow_url"], registry_uri=stack[1]["mlflow_url"])
+
+
+@pytest.fixture(scope="module")
+def trained(stack, client):
+    """v1, trained once by `flywheel train` on two weeks of flights, champion, deployed through the webhook."""
+    _, urls, env = stack
+    run_cli([str(BIN / "flywheel"), "train", "--start", "2013-01-01", "--end", "2013-01-15"], env, timeout=600)
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
+    _wait("v1 to serve", lambda: served_version(urls["model_url"]) == "1")
+    return client.get_model_version(MODEL, "1")
+
+
+def new_version(client, base, name: str = MODEL) -> str:
+    """Another version of the same trained model (same run, so it carries the smoke test's held-out sample)."""
+    from flywheel.tasks import registry
+
+    registry.ensure_registered_model(client, name)
+    mv = client.create_model_version(name, source=base.source, run_id=base.run_id,
+                                     tags={"copy_of": f"{base.name}/{base.version}"},
+                                     model_id=base.source.rsplit("/", 1)[-1])  # fmt: skip
+    return mv.version
+
+
+def deploy(client, urls, version: str, timeout: float = 180) -> None:
+    client.set_registered_model_alias(MODEL, "champion", version)
+    _wait(f"v{version} to serve", lambda: served_version(urls["model_url"]) == version, timeout=timeout)
+
+
+def admin_headers(st) -> dict:
+    return {"Authorization": "Bearer " + (st.root / "admin_token").read_text().strip()}
+
+
+def server_state(st, urls) -> dict:
+    return httpx.get(urls["model_url"] + "/admin/state", headers=admin_headers(st), timeout=10).json()
+
+
+# --------------------------------------------------------------------------------------------------- case 9
+def test_webhook_receiver_refuses_forgeries_and_emits_nothing(stack):
+    st, urls, _ = stack
+    since = _now() - dt.timedelta(seconds=2)
+    secret = (st.root / "webhook_secret").read_text().strip()
+    hook = urls["bridge_url"] + WEBHOOK
+    body = mlflow_body(MODEL, "41")
+    good = signed(body, secret)
+    other = signed(mlflow_body(MODEL, "42"), secret, good["X-MLflow-Delivery-Id"], int(good["X-MLflow-Timestamp"]))
+    forged = {
+        "unsigned": {"Content-Type": "application/json"},
+        "wrong secret": signed(body, "not-the-secret"),
+        "signature of another body": {**good, "X-MLflow-Signature": other["X-MLflow-Signature"]},
+        "stale timestamp": signed(body, secret, ts=int(time.time()) - 3600),
+        "future timestamp": signed(body, secret, ts=int(time.time()) + 3600),
+    }  # fmt: skip
+    for case, headers in forged.items():
+        resp = httpx.post(hook, content=body, headers=headers, timeout=10)
+        assert 400 <= resp.status_code < 500, (case, resp.status_code, resp.text)
+        assert resp.json()["status"] == "error", case
+    time.sleep(2)
+    emitted = [e for e in events(urls, ["mlflow.model_version_alias.created"], since)
+               if e.get("payload", {}).get("version") == "41"]  # fmt: skip
+    assert emitted == [], "a forged delivery reached Prefect"
+    assert not [r for r in flow_runs(urls, "deploy-model", since) if r["parameters"].get("version") == "41"]
+    # Secrets at rest: owner-only.
+    for name in ("webhook_secret", "admin_token", "mlflow_webhook_encryption.key"):
+        mode = (st.root / name).stat().st_mode & 0o777
+        assert mode == 0o600, f"{name} has mode {oct(mode)}"
+
+
+# --------------------------------------------------------------------------------------------------- case 10
+def test_real_model_server_guards_admin_scoring_and_body_size(stack, client, trained, tmp_path):
+    from flywheel import processes
+
+    st, urls, env = stack
+    url = urls["model_url"]
+    for method, path in (("GET", "/admin/state"), ("POST", "/admin/load"), ("POST", "/admin/swap"),
+                         ("POST", "/admin/rollback"), ("POST", "/admin/smoke")):  # fmt: skip
+        assert httpx.request(method, url + path, timeout=10).status_code == 401, path
+        wrong = httpx.request(method, url + path, headers={"Authorization": "Bearer wrong"}, timeout=10)
+        assert wrong.status_code == 403 and wrong.json()["error_code"] == "PERMISSION_DENIED", path
+    big = b'{"dataframe_records": [' + b'{"hour": 5},' * 1_000_000 + b'{"hour": 5}]}'  # ~12 MB > 10 MB default
+    resp = httpx.post(url + "/invocations", content=big, headers={"Content-Type": "application/json"}, timeout=60)
+    assert resp.status_code == 413 and resp.json()["error_code"] == "REQUEST_TOO_LARGE"
+    assert served_version(url) == "1"
+
+    # A server process started with FLYWHEEL_SERVING_TOKEN wants a bearer token for scoring.
+    port = processes.free_port()
+    cmd = [sys.executable, "-m", "flywheel.model_server", "--model", MODEL, "--port", str(port),
+           "--tracking-uri", urls["mlflow_url"], "--initial-alias", "champion"]  # fmt: skip
+    token = uuid.uuid4().hex
+    mp = processes.spawn("scoring-token-server", cmd, url=f"http://127.0.0.1:{port}", log_path=tmp_path / "ms.log",
+                         health_path="/health",
+                         env={**env, "FLYWHEEL_SERVING_TOKEN": token, "FLYWHEEL_STATE_DIR": str(tmp_path)})  # fmt: skip
+    try:
+        processes.wait_healthy(mp, timeout=120)
+        _wait("the token server to load v1", lambda: served_version(mp.url) == "1", timeout=120)
+        local = client.download_artifacts(trained.run_id, "reference/holdout_sample.parquet", str(tmp_path))
+        sample = pd.read_parquet(local).drop(columns=["late"]).head(2)
+        payload = {"dataframe_split": json.loads(sample.to_json(orient="split", index=False))}
+        assert httpx.post(mp.url + "/invocations", json=payload, timeout=30).status_code == 401
+        bad = httpx.post(mp.url + "/invocations", json=payload, headers={"Authorization": "Bearer x"}, timeout=30)
+        assert bad.status_code == 401
+        ok = httpx.post(mp.url + "/invocations", json=payload, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert ok.status_code == 200, ok.text
+        assert token not in mp.log_path.read_text(errors="replace")
+    finally:
+        mp.stop()
+
+
+# --------------------------------------------------------------------------------------------------- case 12
+def test_model_loading_only_from_the_configured_registry(stack, client, trained):
+    st, urls, env = stack
+    url, headers = urls["model_url"], admin_headers(st)
+    before = server_state(st, urls)
+    v_other = new_version(client, trained)  # a real version of MODEL, so "load v<n>" would succeed if honoured
+    for body in ({"uri": "runs:/" + trained.run_id + "/model"}, {"uri": "file:///tmp/model"},
+                 {"version": "file:///tmp/model"}, {"version": "runs:/" + trained.run_id + "/model"},
+                 {"alias": "../champion"}, {"name": INTRUDER, "version": v_other},
+                 {"version": v_other, "model_uri": "models:/" + INTRUDER + "/1"}):  # fmt: skip
+        resp = httpx.post(url + "/admin/load", json=body, headers=headers, timeout=60)
+        assert 400 <= resp.status_code < 500, (body, resp.status_code, resp.text)
+    after = server_state(st, urls)
+    assert after["counters"]["loads"] == before["counters"]["loads"], "something was loaded"
+    assert (after["standby"] or {}).get("version") == (before["standby"] or {}).get("version")
+    assert after["active"]["version"] == "1"
+
+    # An alias move of another model in the same registry must not deploy anything to this model's server.
+    since = _now()
+    intruder_v = new_version(client, trained, name=INTRUDER)
+    while int(intruder_v) < int(v_other):  # make the intruder's version number one MODEL also has (but not serving)
+        intruder_v = new_version(client, trained, name=INTRUDER)
+    client.set_registered_model_alias(INTRUDER, "champion", intruder_v)
+    # And an event for a version the registry does not have.
+    from flywheel.deployments.bridge import alias_event_resource, prefect_emit
+
+    with _prefect_env(urls):
+        prefect_emit(event="mlflow.model_version_alias.created", resource=alias_event_resource(MODEL, "champion"),
+                     payload={"name": MODEL, "alias": "champion", "version": "987"})  # fmt: skip
+
+    def settled():
+        runs = flow_runs(urls, "deploy-model", since)
+        return runs if len(runs) >= 2 and all(terminal(r) for r in runs) else None
+
+    runs = _wait("deploy-model runs for the intruder and the missing version", settled, timeout=180, interval=1.0)
+    by_name = {(r["parameters"].get("name"), str(r["parameters"].get("version"))): r for r in runs}
+    assert by_name[(MODEL, "987")]["state_type"] == "FAILED"  # resolve-version: not in the registry
+    end = server_state(st, urls)
+    assert end["active"]["version"] == "1", f"another model's alias move changed what serves: {end['active']}"
+    assert end["counters"]["loads"] == before["counters"]["loads"], "another model's alias move loaded a version"
+    assert served_version(url) == "1"
+    assert "deploy_outcome" not in client.get_model_version(INTRUDER, intruder_v).tags
+
+
+@contextlib.contextmanager
+def _prefect_env(urls):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: urls["prefect_api_url"]}):
+        yield
+
+
+# --------------------------------------------------------------------------------------------------- case 6
+def test_two_alias_moves_within_a_second_end_on_the_last_and_never_overlap(stack, client, trained):
+    _, urls, _ = stack
+    va, vb = new_version(client, trained), new_version(client, trained)
+    since = _now()
+    client.set_registered_model_alias(MODEL, "champion", va)
+    client.set_registered_model_alias(MODEL, "champion", vb)
+    moved = time.monotonic()
+    _wait(f"v{vb} to serve", lambda: served_version(urls["model_url"]) == vb)
+    runs = wait_deploys_done(urls, since, at_least=2)
+    assert time.monotonic() - moved < 180
+    assert served_version(urls["model_url"]) == vb
+    assert client.get_model_version_by_alias(MODEL, "champion").version == vb
+    # Both moves reached Prefect (one event, one deploy-model run each).
+    versions = sorted(str(r["parameters"]["version"]) for r in runs)
+    assert versions == sorted([va, vb]), versions
+    # vA never served; vB is in the ledger exactly once as serving. (The run for vA's event deploys vB, the alias'
+    # target by then; deploy-model writes no ledger row for a superseded move.)
+    assert client.get_model_version(MODEL, va).tags.get("deploy_outcome") != "serving"
+    rows = [r for r in ledger_rows(urls) if _parse(r["started_at"]) >= since.replace(microsecond=0)]
+    assert [(r["version"], r["outcome"]) for r in rows] == [(vb, "serving")], rows
+    # Deployments of one model/alias never overlap: the lock-protected parts (resolve-version → end) are disjoint.
+    spans = critical_sections(urls, runs)
+    spans.sort()
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        assert end <= start, f"deploy-model runs overlapped: {spans}"
+
+
+def critical_sections(urls, runs: list[dict]) -> list[tuple[dt.datetime, dt.datetime]]:
+    ids = [r["id"] for r in runs]
+    tasks = api(
+        urls,
+        "POST",
+        "/task_runs/filter",
+        json={"flow_runs": {"id": {"any_": ids}}, "task_runs": {"name": {"like_": "resolve-version"}}},
+    )
+    first: dict[str, dt.datetime] = {}
+    for t in tasks:
+        start = _parse(t["start_time"])
+        if start and (t["flow_run_id"] not in first or start < first[t["flow_run_id"]]):
+            first[t["flow_run_id"]] = start
+    ends = {r["id"]: _parse(api(urls, "GET", f"/flow_runs/{r['id']}")["end_time"]) for r in runs}
+    return [(first[i], ends[i]) for i in ids if i in first]
+
+
+# --------------------------------------------------------------------------------------------------- case 8
+def test_replayed_webhook_and_reconciler_together_deploy_once(stack, client, trained):
+    st, urls, env = stack
+    vc = new_version(client, trained)
+    secret = (st.root / "webhook_secret").read_text().strip()
+    since = _now()
+    client.set_registered_model_alias(MODEL, "champion", vc)  # MLflow's own webhook fires too
+    body = mlflow_body(MODEL, vc)
+    headers = signed(body, secret)
+    answers: list[dict] = []
+
+    def deliver():
+        answers.append(httpx.post(urls["bridge_url"] + WEBHOOK, content=body, headers=headers, timeout=30).json())
+
+    reconciler = threading.Thread(target=run_cli, args=([str(BIN / "prefect"), "deployment", "run",
+                                                        "reconcile/every-minute", "--watch"], env))  # fmt: skip
+    senders = [threading.Thread(target=deliver) for _ in range(2)]
+    reconciler.start()
+    for t in senders:
+        t.start()
+    for t in senders:
+        t.join(60)
+    deliver()  # and once more, afterwards: the exact same signed request
+    reconciler.join(300)
+    time.sleep(3)  # the reconciler's own event, if it emitted one, becomes a run within a second or two
+    statuses = sorted(a["status"] for a in answers)
+    assert statuses.count("emitted") == 1 and set(statuses) <= {"emitted", "duplicate", "in_progress"}, answers
+    _wait(f"v{vc} to serve", lambda: served_version(urls["model_url"]) == vc)
+    runs = wait_deploys_done(urls, since, at_least=2)
+    rows = [r for r in ledger_rows(urls) if r["version"] == vc]
+    assert [(r["version"], r["outcome"]) for r in rows] == [(vc, "serving")], rows
+    deploy_artifacts = api(urls, "POST", "/artifacts/filter",
+                           json={"artifacts": {"key": {"any_": [f"deploy-{MODEL}"]}}, "limit": 200})  # fmt: skip
+    fresh = [a for a in deploy_artifacts if _parse(a["created"]) >= since]
+    assert len(fresh) == 1, f"{len(fresh)} deployments reached serving for one move ({len(runs)} runs)"
+
+
+# --------------------------------------------------------------------------------------------------- case 3
+def test_killed_model_server_is_restarted_on_the_current_champion(stack, client, trained):
+    st, urls, _ = stack
+    champion = client.get_model_version_by_alias(MODEL, "champion").version
+    assert champion != "1" and served_version(urls["model_url"]) == champion  # the server started before it existed
+    old = st.children["model-server"]
+    with supervised(st):
+        kill_group(old)
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(urls["model_url"] + "/ping", timeout=2)
+        _wait("the supervisor to restart the model server", lambda: st.children["model-server"].pid != old.pid)
+        _wait("the restarted server to serve the champion", lambda: served_version(urls["model_url"]) == champion)
+    assert st.children["model-server"].alive()
+    assert json.loads(st.stack_file.read_text())["pids"]["model-server"] == st.children["model-server"].pid
+
+
+# --------------------------------------------------------------------------------------------------- case 2
+def test_deployments_process_killed_mid_deploy_then_reconciler_finishes_it(stack, client, trained):
+    st, urls, env = stack
+    before = served_version(urls["model_url"])
+    vd = new_version(client, trained)
+    since = _now()
+    client.set_registered_model_alias(MODEL, "champion", vd)
+
+    def running():
+        runs = [r for r in flow_runs(urls, "deploy-model", since) if str(r["parameters"].get("version")) == vd]
+        return runs[0] if runs and runs[0]["state_type"] == "RUNNING" else None
+
+    zombie = _wait(f"deploy-model for v{vd} to be running", running, interval=0.2)
+    old = st.children["deployments"]
+    with supervised(st):
+        kill_group(old)
+        time.sleep(3)
+        assert served_version(urls["model_url"]) == before, "serving changed although the deployment was killed"
+        _wait("the supervisor to restart the deployments process", lambda: st.children["deployments"].pid != old.pid,
+              timeout=240)  # fmt: skip
+        assert served_version(urls["model_url"]) == before
+        # No person: the scheduled reconciler (run here instead of waiting for its interval) notices the gap.
+        deadline = time.monotonic() + 240
+        while served_version(urls["model_url"]) != vd and time.monotonic() < deadline:
+            run_cli([str(BIN / "prefect"), "deployment", "run", "reconcile/every-minute", "--watch"], env)
+            with contextlib.suppress(AssertionError):
+                _wait(f"v{vd} to serve", lambda: served_version(urls["model_url"]) == vd, timeout=60)
+    zombie_now = api(urls, "GET", f"/flow_runs/{zombie['id']}")
+    assert served_version(urls["model_url"]) == vd, (
+        f"serving never reached the champion v{vd}; the killed run is {zombie_now['state_type']}"
+    )
+    # The ledger is written after the post-switch watch.
+    outcome = _wait(f"v{vd}'s ledger entry", lambda: client.get_model_version(MODEL, vd).tags.get("deploy_outcome"))
+    assert outcome == "serving"
+    assert api(urls, "GET", f"/flow_runs/{zombie['id']}")["state_type"] != "RUNNING"  # the zombie was marked
+
+
+# --------------------------------------------------------------------------------------------------- case 9
+def test_secret_rotation_keeps_webhooks_flowing(stack, client, trained):
+    from flywheel.deployments.bridge import rotate_secret
+
+    st, urls, _ = stack
+    old = (st.root / "webhook_secret").read_text().strip()
+    new = rotate_secret(st.root, client, urls["bridge_url"] + WEBHOOK)
+    assert new != old and (st.root / "webhook_secret").read_text().strip() == new
+    assert (st.root / "webhook_secret").stat().st_mode & 0o777 == 0o600
+    assert (st.root / "webhook_secret.previous").stat().st_mode & 0o777 == 0o600
+    # The bridge takes the new secret at once, and the old one during the grace period (in-flight MLflow retries).
+    for secret in (new, old):
+        body = mlflow_body(MODEL, "1", alias=None, entity="model_version", action="created")
+        resp = httpx.post(urls["bridge_url"] + WEBHOOK, content=body, headers=signed(body, secret), timeout=30)
+        assert resp.status_code == 200 and resp.json()["status"] == "emitted", resp.text
+    guessed = httpx.post(urls["bridge_url"] + WEBHOOK, content=body, headers=signed(body, "guess"), timeout=30)
+    assert guessed.status_code == 401
+    # MLflow signs with the new secret: a real alias move right after the rotation still deploys, by its webhook.
+    time.sleep(3)  # MLFLOW_WEBHOOK_CACHE_TTL of the stack's MLflow server
+    ve = new_version(client, trained)
+    deploy(client, urls, ve)
+    tags = _wait(f"v{ve}'s ledger tags", lambda: client.get_model_version(MODEL, ve).tags.get("deploy_outcome") and
+                 client.get_model_version(MODEL, ve).tags)  # fmt: skip
+    assert tags["deploy_outcome"] == "serving" and tags["deploy_trigger"] == "event"
+    bridge_log = (st.root / "logs" / "bridge.log").read_text(errors="replace")
+    assert new not in bridge_log and old not in bridge_log
+
+
+# --------------------------------------------------------------------------------------------------- case 7
+def test_drift_while_a_retraining_runs_schedules_no_second_one(stack, client, trained, tmp_path):
+    _, urls, env = stack
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    ref = pd.read_parquet(client.download_artifacts(champion.run_id, "reference/train_sample.parquet", str(tmp_path)))
+    drifted = ref.head(2000).copy()
+    for col in ("hour", "distance", "temp", "dewp", "humid", "wind_speed", "precip", "pressure", "visib"):
+        drifted[col] = drifted[col] * 3 + 1000
+    for col in ("carrier", "origin", "dest"):
+        drifted[col] = "ZZ"
+    current = tmp_path / "drifted.parquet"
+    drifted.to_parquet(current, index=False)
+
+    # A retraining in flight: train/cron with a deliberately slow candidate, cancelled at the end.
+    slow = [{"name": "slow-forest", "estimator": "random_forest", "params": {"n_estimators": 20000}}]
+    dep = api(urls, "GET", "/deployments/name/train/cron")
+    params = {"start": "2013-01-01", "end": "2013-01-15", "model_name": MODEL, "candidates": slow}
+    run = api(urls, "POST", f"/deployments/{dep['id']}/create_flow_run", json={"parameters": params})
+
+    def state_of(run_id: str) -> str:
+        return api(urls, "GET", f"/flow_runs/{run_id}")["state_type"]
+
+    try:
+        _wait("the slow retraining to run", lambda: state_of(run["id"]) == "RUNNING", timeout=180)
+        since = _now()
+        run_cli([str(BIN / "prefect"), "deployment", "run", "check-drift/cron", "-p", f"model_name={MODEL}",
+                 "-p", f"current_uri={current}", "--watch"], env, timeout=400)  # fmt: skip
+        assert state_of(run["id"]) == "RUNNING"
+        verdict = json.loads(client.get_registered_model(MODEL).tags["last_drift"])
+        assert verdict["dataset_drift"] is True and verdict["retrain"] is False, verdict
+        assert any("in flight" in r for r in verdict["reasons"]), verdict["reasons"]
+        time.sleep(3)
+        assert events(urls, ["flywheel.drift.detected"], since) == []
+        assert [r for r in flow_runs(urls, "train", since) if r["id"] != run["id"]] == []
+    finally:
+        api(urls, "POST", f"/flow_runs/{run['id']}/set_state", json={"state": {"type": "CANCELLING"}, "force": True})
+        _wait(
+            "the slow retraining to be cancelled",
+            lambda: state_of(run["id"]) in ("CANCELLED", "CRASHED", "FAILED"),
+            timeout=120,
+        )
+
+
+# --------------------------------------------------------------------------------------------------- case 1
+SMALL_SPEC = """
+name: cancer
+source: {source}
+target: malignant
+task: binary
+positive_class: 1
+numeric: [{numeric}]
+"""
+
+
+def test_mlflow_killed_between_register_and_alias(stack, tmp_path, monkeypatch):
+    """Own MLflow server (the session's is shared); the train flow runs in this process against the stack's Prefect,
+    and the MLflow server is SIGKILLed right after the version is created."""
+    import mlflow
+    from flywheel.flows.train import train
+    from flywheel.tasks import registry
+    from mlflow import MlflowClient
+    from prefect.events.worker import EventsWorker
+    from sklearn.datasets import load_breast_cancer
+
+    from flywheel import processes
+    from flywheel.settings import get_settings
+
+    _, urls, _ = stack
+    frame = load_breast_cancer(as_frame=True).frame.rename(columns=lambda c: c.replace(" ", "_"))
+    frame["malignant"] = 1 - frame.pop("target")
+    data_path = tmp_path / "cancer.csv"
+    frame.to_csv(data_path, index=False)
+    spec = tmp_path / "cancer.yaml"
+    features = ", ".join(c for c in frame.columns if c != "malignant")
+    spec.write_text(SMALL_SPEC.format(source=data_path, numeric=features))
+
+    root = tmp_path / "mlflow"
+    port = processes.free_port()
+    server_kwargs = dict(
+        host="127.0.0.1", port=port, backend_store_uri=f"sqlite:///{root / 'mlflow.db'}",
+        artifacts_destination=str(root / "artifacts"), log_path=root / "mlflow.log",
+        env=processes.mlflow_server_env(root, processes.load_or_create_fernet_key(root)), timeout=180,
+    )  # fmt: skip
+    servers = [processes.start_mlflow(**server_kwargs)]
+    uri = servers[0].url
+    name = f"cancer-{uuid.uuid4().hex[:6]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("FLYWHEEL_EXPERIMENT_NAME", "reliability")
+    get_settings.cache_clear()
+    previous_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    real_register = registry.register_version
+    killed = []
+
+    def register_then_kill(*args, **kwargs):
+        version = real_register(*args, **kwargs)
+        if not killed:
+            kill_group(servers[0])
+            killed.append(version.version)
+        return version
+
+    monkeypatch.setattr(registry, "register_version", register_then_kill)
+    try:
+        EventsWorker.drain_all(timeout=15, at_exit=False)
+        with _prefect_env(urls):
+            t0 = time.monotonic()
+            state = train(spec_path=str(spec), model_name=name, return_state=True)
+            failed_after = time.monotonic() - t0
+            assert killed == ["1"]
+            assert state.is_failed(), state
+            message = f"{state.message} {state.result(raise_on_failure=False)!r}"
+            print(f"failed run: {message[:500]}")
+            assert "close-run" in message or "onnection" in message, message
+
+            servers.append(processes.start_mlflow(**server_kwargs))  # same port, same backend
+            c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            versions = c.search_model_versions(f"name = '{name}'")
+            assert [v.version for v in versions] == ["1"]
+            tags = c.get_model_version(name, "1").tags
+            lineage = (
+                registry.TAG_DATA_HASH,
+                registry.TAG_PARAMS_HASH,
+                registry.TAG_CODE_VERSION,
+                registry.TAG_FLOW_RUN,
+            )
+            for key in lineage:
+                assert tags.get(key), f"v1 lacks its lineage tag {key}"
+            assert c.get_registered_model(name).aliases == {}, "half-set alias"
+
+            monkeypatch.setattr(registry, "register_version", real_register)
+            again = train(spec_path=str(spec), model_name=name, return_state=True)
+            assert again.is_completed(), again
+            result = again.result()
+            assert [v.version for v in c.search_model_versions(f"name = '{name}'")] == ["1"], "registered twice"
+            aliases = c.get_registered_model(name).aliases
+            assert aliases.get("champion") == "1" and aliases.get("challenger") == "1", (
+                f"the re-run did not finish the interrupted promotion: {result['status']}, aliases {aliases}"
+            )
+            assert c.get_model_version(name, "1").tags.get(registry.TAG_GATE_PASSED) == "true"
+        EventsWorker.drain_all(timeout=15, at_exit=False)
+        print(f"MLflow killed after register: flow failed after {failed_after:.0f}s")
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+        get_settings.cache_clear()
+        for server in servers:
+            server.stop()
+
+
+# --------------------------------------------------------------------------------------------------- case 11
+def test_no_credentials_leak_anywhere(stack, client, trained):
+    st, urls, _ = stack
+    secrets_ = {
+        "AWS access key id": FAKE_AWS_KEY_ID,
+        "AWS secret key": FAKE_AWS_SECRET,
+        "admin token": (st.root / "admin_token").read_text().strip(),
+        "webhook secret": (st.root / "webhook_secret").read_text().strip(),
+    }
+    prev = st.root / "webhook_secret.previous"
+    if prev.exists():
+        secrets_["previous webhook secret"] = json.loads(prev.read_text())["secret"]
+    # A train, deployments and a drift check have run by now (earlier tests); every place a person can read:
+    places: dict[str, str] = {}
+    for path in (st.root / "logs").rglob("*"):
+        if path.is_file():
+            places[f"log {path.name}"] = path.read_text(errors="replace")
+    places["prefect artifacts"] = json.dumps(api(urls, "POST", "/artifacts/filter", json={"limit": 200}))
+    places["prefect logs"] = json.dumps(api(urls, "POST", "/logs/filter", json={"limit": 200}))
+    places["prefect flow runs"] = json.dumps(api(urls, "POST", "/flow_runs/filter", json={"limit": 200}))
+    places["ledger"] = json.dumps(ledger_rows(urls))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=500)
+    places["mlflow runs"] = json.dumps([{"params": r.data.params, "tags": r.data.tags} for r in runs])
+    models = client.search_registered_models()
+    places["mlflow models"] = json.dumps([{"tags": m.tags, "description": m.description} for m in models])
+    versions = [v for m in models for v in client.search_model_versions(f"name = '{m.name}'")]
+    places["mlflow versions"] = json.dumps([{"tags": v.tags, "description": v.description} for v in versions])
+    assert len(runs) >= 2 and any(r.data.tags.get("flywheel.kind") == "drift" for r in runs), "nothing to scan"
+    leaks = [
+        f"{what} in {where}" for where, text in places.items() for what, value in secrets_.items() if value in text
+    ]
+    assert leaks == []
