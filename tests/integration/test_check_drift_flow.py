@@ -1,0 +1,139 @@
+"""The `check-drift` flow against real MLflow and Prefect servers, on the real flights data.
+
+The champion (trained on January–February) is the reference through its lineage; served data comes from the
+model server's request-log format (Parquet files, written here by the same writer the server uses) or from a
+`current_uri`. July drifts and schedules retraining once (the event reaches Prefect); a second check inside the
+cooldown schedules nothing; March does not drift; empty or broken data fails clearly and schedules nothing; the
+Evidently report is an artifact of a monitoring run in MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+
+JAN_FEB = ("2013-01-01", "2013-03-01")
+
+
+@pytest.fixture
+def drift_env(tracking, prefect_server, fresh_settings, model_name, tmp_path):
+    from flywheel.flows.train import train
+    from mlflow import MlflowClient
+
+    fresh_settings.setenv("FLYWHEEL_STATE_DIR", str(tmp_path / "state"))
+    result = train(start=JAN_FEB[0], end=JAN_FEB[1], model_name=model_name)
+    assert result["promoted"]
+    return MlflowClient(tracking), prefect_server.url + "/api"
+
+
+def _month(start: str, end: str):
+    from flywheel.tasks import data
+
+    from flywheel.spec import load_spec
+
+    spec = load_spec(None)
+    return spec, data.pull_dataset(spec, start, end)
+
+
+def _log_as_served(frame, model_name, log_dir):
+    """Rows as the model server records them (inputs incl. the event time, prediction, version, request id)."""
+    from flywheel.request_log import RequestLogWriter
+
+    writer = RequestLogWriter(log_dir, model_name)
+    writer.start()
+    inputs = frame.drop(columns=["late"])
+    for start in range(0, len(inputs), 1000):
+        part = inputs.iloc[start : start + 1000].reset_index(drop=True)
+        writer.append(part, [0] * len(part), version="1", request_ids=f"req-{start}", ts=time.time())
+    writer.close()
+
+
+def _drift_events(api: str, model_name: str) -> list[dict]:
+    resp = httpx.post(
+        api + "/events/filter",
+        json={"filter": {"event": {"name": ["flywheel.drift.detected"]},
+                         "resource": {"id": [f"flywheel.model.{model_name}"]}}, "limit": 50},
+        timeout=30,
+    )  # fmt: skip
+    resp.raise_for_status()
+    return resp.json()["events"]
+
+
+def _wait_events(api, model_name, n, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events = _drift_events(api, model_name)
+        if len(events) >= n:
+            return events
+        time.sleep(1)
+    return _drift_events(api, model_name)
+
+
+def test_july_drifts_and_schedules_retraining_once(drift_env, model_name):
+    from flywheel.flows.check_drift import check_drift, serving_log_dir
+
+    client, api = drift_env
+    spec, july = _month("2013-07-01", "2013-08-01")
+    _log_as_served(july, model_name, serving_log_dir())
+
+    first = check_drift(model_name=model_name, start="2013-07-01", end="2013-08-01")
+    assert first["dataset_drift"] and first["drift_share"] >= 0.55 and first["retrain"], first
+    assert first["retrain_window"] == ["2013-05-03T00:00:00", "2013-08-01T00:00:00"]
+    assert first["rows"] == len(july)
+    events = _wait_events(api, model_name, 1)
+    assert len(events) == 1
+    assert events[0]["payload"]["start"] == "2013-05-03T00:00:00" and events[0]["payload"]["model_name"] == model_name
+
+    # The verdict is on the registered model, the Evidently report in a monitoring run linked to the champion.
+    verdict = json.loads(client.get_registered_model(model_name).tags["last_drift"])
+    assert verdict["champion"] == "1" and verdict["retrain"]
+    runs = client.search_runs(
+        [client.get_experiment_by_name("flywheel-monitoring").experiment_id],
+        filter_string=f"tags.`flywheel.model_name` = '{model_name}'",
+    )
+    assert len(runs) == 1 and runs[0].data.tags["flywheel.model_version"] == "1"
+    artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "drift")}
+    assert {"drift/drift_report.html", "drift/summary.json"} <= artifacts
+    assert runs[0].data.metrics["drift_share"] == pytest.approx(first["drift_share"])
+
+    # A second check inside the cooldown (same event time): drift again, but no second retraining.
+    second = check_drift(model_name=model_name, start="2013-07-01", end="2013-08-01")
+    assert second["dataset_drift"] and not second["retrain"]
+    assert any("cooldown" in r for r in second["reasons"]), second["reasons"]
+    time.sleep(3)
+    assert len(_drift_events(api, model_name)) == 1
+
+
+def test_march_does_not_drift_and_schedules_nothing(drift_env, model_name, tmp_path):
+    from flywheel.flows.check_drift import check_drift
+
+    _, api = drift_env
+    _, march = _month("2013-03-01", "2013-04-01")
+    path = tmp_path / "march.parquet"
+    march.to_parquet(path)
+    result = check_drift(model_name=model_name, current_uri=str(path))
+    assert not result["dataset_drift"] and not result["retrain"]
+    time.sleep(3)
+    assert _drift_events(api, model_name) == []
+
+
+def test_empty_or_broken_current_data_fails_clearly_and_schedules_nothing(drift_env, model_name, tmp_path):
+    from flywheel.flows.check_drift import check_drift
+    from flywheel.tasks.drift import DriftDataError
+
+    client, api = drift_env
+    _, march = _month("2013-03-01", "2013-03-08")
+    empty, broken = tmp_path / "empty.parquet", tmp_path / "broken.parquet"
+    march.head(0).to_parquet(empty)
+    march.drop(columns=["time_hour"]).to_parquet(broken)
+    for path, expected in ((empty, "no current data"), (broken, "event_time")):
+        with pytest.raises(DriftDataError, match=expected):
+            check_drift(model_name=model_name, current_uri=str(path))
+    time.sleep(2)
+    assert _drift_events(api, model_name) == []
+    assert "last_drift" not in client.get_registered_model(model_name).tags
