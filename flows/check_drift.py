@@ -89,6 +89,31 @@ async def _train_in_flight(model_name: str) -> bool:
     return any((r.parameters.get("model_name") or get_settings().model_name) == model_name for r in runs)
 
 
+PREDICTION = "prediction"  # the request log's prediction column (flywheel.request_log)
+
+
+@task(name="join-labels", cache_policy=NO_CACHE)
+def with_labels(reference: pd.DataFrame, current: pd.DataFrame, spec: DatasetSpec, champion, labels_uri: str):
+    """Served rows that have a label (joined by request id), and the champion's own predictions on its reference
+    sample, so Evidently compares its quality then and now."""
+    import mlflow
+
+    labels = data.read_source(labels_uri)
+    missing = {"request_id", spec.target} - set(labels.columns)
+    if missing:
+        raise drift.DriftDataError(f"labels at {labels_uri} lack column(s) {sorted(missing)}")
+    if "request_id" not in current.columns or PREDICTION not in current.columns:
+        raise drift.DriftDataError("current data has no request_id/prediction columns to join labels to")
+    labels = labels[["request_id", spec.target]].drop_duplicates("request_id", keep="last")
+    joined = current.drop(columns=[spec.target], errors="ignore").merge(labels, on="request_id", how="inner")
+    if joined.empty:
+        raise drift.DriftDataError(f"no label in {labels_uri} matches a served request id in the window")
+    model = mlflow.pyfunc.load_model(f"models:/{champion.name}/{champion.version}")
+    features = reference[spec.features].astype({c: "float64" for c in spec.numeric})  # as the model was trained
+    reference = reference.assign(**{PREDICTION: list(model.predict(features))})
+    return reference, joined
+
+
 @task(name="log-drift-report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 5])
 def log_report(result, html_path: str, model_name: str, version: str, lo, hi) -> str:
     """A monitoring run in MLflow, linked to the champion version, holding the Evidently HTML report."""
@@ -156,8 +181,13 @@ def check_drift(
     start: str | None = None,
     end: str | None = None,
     spec_path: str | None = None,
+    labels_uri: str | None = None,
 ) -> dict:
-    """Compare the champion's reference with current data; schedule retraining on drift (outside the cooldown)."""
+    """Compare the champion's reference with current data; schedule retraining on drift (outside the cooldown).
+
+    `labels_uri` (or FLYWHEEL_LABELS_URI): ground truth that arrived later — a file, folder or s3:// prefix with
+    `request_id` and the target column — joined to the served rows by request id; the check then also measures
+    the champion's quality on them (Evidently's classification/regression preset) and a decay counts as drift."""
     from prefect.utilities.asyncutils import run_coro_as_sync
 
     logger = get_run_logger()
@@ -171,12 +201,18 @@ def check_drift(
     reference = registry.load_reference_sample(client, champion)
     current, lo, hi = load_current(spec, name, current_uri, start, end)
     columns = drift.drift_columns(spec)
+    labels_uri = labels_uri or s.labels_uri
+    target = prediction = None
+    if labels_uri:
+        reference, current = with_labels(reference, current, spec, champion, labels_uri)
+        target, prediction = spec.target, PREDICTION
 
     with tempfile.TemporaryDirectory() as tmp:
         html = Path(tmp) / "drift_report.html"
         result = drift.compute_drift(
             reference, current, columns, drift_share=s.drift_share, sample_cap=s.drift_sample_cap,
-            seed=s.seed, min_rows=s.drift_min_rows, html_path=html,
+            seed=s.seed, min_rows=s.drift_min_rows, html_path=html, categorical=spec.categorical,
+            target=target, prediction=prediction, task=spec.task, pos_label=spec.positive_class,
         )  # fmt: skip
         link = log_report(result, str(html), name, champion.version, lo, hi)
 
@@ -193,6 +229,7 @@ def check_drift(
         "model_name": name, "champion": champion.version, "window": [str(lo), str(hi)],
         "dataset_drift": result.dataset_drift, "drift_share": result.drift_share, "rows": result.rows_current,
         "retrain": decision.retrain, "reasons": decision.reasons, "report": link,
+        "quality": result.quality, "quality_decay": result.quality_decay,
     }  # fmt: skip
     client.set_registered_model_tag(name, TAG_LAST_DRIFT, json.dumps(summary)[:4900])
     logger.info("%s", push_drift_metrics(name, result))

@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     retrain_cooldown_days: float = 30.0
     retrain_window_days: float = 90.0
 
+    labels_uri: str | None = Field(None, description="Late ground truth (request_id + target) for the drift check.")
     pushgateway_url: str | None = Field(None, description="Prometheus Pushgateway for the drift check's gauges.")
     alert_webhook_url: str | None = Field(
         None, description="Slack-compatible incoming webhook: failed runs, rollbacks and drift (Prefect automations)."

@@ -137,3 +137,36 @@ def test_empty_or_broken_current_data_fails_clearly_and_schedules_nothing(drift_
     time.sleep(2)
     assert _drift_events(api, model_name) == []
     assert "last_drift" not in client.get_registered_model(model_name).tags
+
+
+def test_late_labels_are_joined_by_request_id_and_quality_is_measured(drift_env, model_name, tmp_path):
+    import mlflow
+    from flywheel.flows.check_drift import check_drift, serving_log_dir
+
+    from flywheel.request_log import RequestLogWriter
+
+    client, _ = drift_env
+    spec, aug = _month("2013-08-01", "2013-08-15")
+    model = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
+    ids = [f"flight-{i}" for i in range(len(aug))]
+    writer = RequestLogWriter(serving_log_dir(), model_name)
+    writer.start()
+    inputs = aug.drop(columns=["late"]).reset_index(drop=True)
+    preds = model.predict(inputs[spec.features].astype({c: "float64" for c in spec.numeric}))
+    writer.append(inputs, list(preds), version="1", request_ids=ids, ts=time.time())
+    writer.close()
+    labels = tmp_path / "labels.parquet"  # the ground truth arrives later, keyed by request id
+    aug.assign(request_id=ids)[["request_id", "late"]].iloc[: len(aug) // 2].to_parquet(labels)
+
+    result = check_drift(model_name=model_name, start="2013-08-01", end="2013-08-15", labels_uri=str(labels))
+    assert result["quality"] is not None, result
+    ref_f1, cur_f1 = result["quality"]["reference"]["f1"], result["quality"]["current"]["f1"]
+    assert 0.2 < cur_f1 < 0.9 and 0.2 < ref_f1 < 0.95
+    assert result["quality_decay"] is not None
+
+    broken = tmp_path / "labels-broken.parquet"
+    aug[["late"]].to_parquet(broken)
+    from flywheel.tasks.drift import DriftDataError
+
+    with pytest.raises(DriftDataError, match="request_id"):
+        check_drift(model_name=model_name, start="2013-08-01", end="2013-08-15", labels_uri=str(broken))
