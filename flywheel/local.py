@@ -33,9 +33,13 @@ def prepare_env(settings: Settings) -> None:
 
 
 def mlflow_backend(settings: Settings) -> tuple[str, str]:
-    """SQLite backend store and local artifact root in the state dir."""
+    """The backend store and artifact destination: the configured ones (PostgreSQL, S3), else SQLite and a local
+    artifact root in the state dir."""
     root = state_dir(settings)
-    return f"sqlite:///{root / 'mlflow.db'}", str(root / "mlartifacts")
+    store = settings.mlflow_backend_store_uri.get_secret_value() if settings.mlflow_backend_store_uri else None
+    return store or f"sqlite:///{root / 'mlflow.db'}", settings.mlflow_artifacts_destination or str(
+        root / "mlartifacts"
+    )
 
 
 def running_stack(settings: Settings) -> dict | None:

@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     serving_port: int = 5080
     staging_port: int = 5081
 
+    # Backends of `flywheel up` (default: SQLite + local artifacts + Prefect's SQLite in the state dir). The scale-out
+    # configuration: MLflow on PostgreSQL with S3 artifacts, Prefect on PostgreSQL (URIs may hold passwords).
+    mlflow_backend_store_uri: SecretStr | None = Field(None, description="e.g. postgresql+psycopg2://…/mlflow")
+    mlflow_artifacts_destination: str | None = Field(None, description="e.g. s3://bucket/mlflow")
+    prefect_database_url: SecretStr | None = Field(None, description="e.g. postgresql+asyncpg://…/prefect")
+
     # Deployments.
     deploy_target: str = Field("local", description="local (model server process) or kubernetes (manifests).")
     deploy_watch_seconds: float = Field(60.0, description="How long the live error rate is watched after a switch.")

@@ -131,8 +131,9 @@ class Stack:
                 env=processes.mlflow_server_env(root, processes.load_or_create_fernet_key(root)),
             )  # fmt: skip
             self.children["prefect"] = processes.start_prefect(
-                host=s.host, port=s.prefect_port, prefect_home=root / "prefect", log_path=logs / "prefect.log"
-            )
+                host=s.host, port=s.prefect_port, prefect_home=root / "prefect", log_path=logs / "prefect.log",
+                database_url=s.prefect_database_url.get_secret_value() if s.prefect_database_url else None,
+            )  # fmt: skip
             for role, port in (("model-server", s.serving_port), ("staging-server", s.staging_port)):
                 self.children[role] = self._start_model_server(role, port, admin_token)
             self.children["bridge"] = self._start_bridge()

@@ -1,0 +1,106 @@
+"""The production configuration without Docker: the same services as processes, on PostgreSQL and S3.
+
+`flywheel up` with MLflow on PostgreSQL (S3 artifacts on moto's server), Prefect on PostgreSQL, and the data in
+S3: train → the gate sets `champion` → webhook → bridge → `deploy-model` → the model server answers with the
+version. Then the data is where it should be: registry rows and flow runs in PostgreSQL, artifacts in the bucket.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+MODEL = "flights-pg-stack"
+BIN = Path(sys.executable).parent
+
+
+def _wait(what, check, timeout=180.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_stack_on_postgres_and_s3_trains_and_deploys(postgres, s3_server, upload_flights, tmp_path, monkeypatch):
+    import boto3
+    from mlflow import MlflowClient
+
+    from flywheel import processes
+    from flywheel.settings import get_settings
+    from flywheel.stack import Stack
+
+    postgres.create_databases(("mlflow_stack", "prefect_stack"))
+    upload_flights(s3_server, "flywheel-data", "flights/2013-jan.parquet", months=(1,))
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="flywheel-stack-artifacts")
+    env = {
+        "FLYWHEEL_STATE_DIR": str(tmp_path / "state"),
+        "FLYWHEEL_MODEL_NAME": MODEL,
+        "FLYWHEEL_DEPLOY_WATCH_SECONDS": "2",
+        "FLYWHEEL_RECONCILE_SECONDS": "3600",
+        "FLYWHEEL_MLFLOW_BACKEND_STORE_URI": postgres.url("mlflow_stack", "postgresql+psycopg2"),
+        "FLYWHEEL_MLFLOW_ARTIFACTS_DESTINATION": "s3://flywheel-stack-artifacts/mlflow",
+        "FLYWHEEL_PREFECT_DATABASE_URL": postgres.url("prefect_stack", "postgresql+asyncpg"),
+        "MLFLOW_S3_ENDPOINT_URL": s3_server,
+        "AWS_ENDPOINT_URL_S3": s3_server,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        **{
+            f"FLYWHEEL_{p}_PORT": str(processes.free_port())
+            for p in ("MLFLOW", "PREFECT", "SERVING", "STAGING", "BRIDGE")
+        },
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(key, raising=False)
+    get_settings.cache_clear()
+    stack = Stack(get_settings())
+    try:
+        urls = stack.start()
+        cli_env = {**os.environ, "PREFECT_API_URL": urls["prefect_api_url"], "MLFLOW_TRACKING_URI": urls["mlflow_url"]}
+        proc = subprocess.run(
+            [str(BIN / "flywheel"), "train", "--data", "s3://flywheel-data/flights/2013-jan.parquet"],
+            env=cli_env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        client = MlflowClient(urls["mlflow_url"])
+        assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
+        _wait("v1's deployment", lambda: client.get_model_version(MODEL, "1").tags.get("deploy_outcome") == "serving")
+        served = httpx.get(urls["model_url"] + "/version", timeout=10).json()
+        assert served["model_version"] == "1"
+
+        # Where the data landed: the registry and the flow runs in PostgreSQL, the artifacts in the bucket.
+        rows = postgres.query("mlflow_stack", "SELECT version FROM model_versions WHERE name = %s", (MODEL,))
+        assert rows == [(1,)]
+        runs = postgres.query(
+            "prefect_stack",
+            "SELECT f.name, r.state_type FROM flow_run r JOIN flow f ON f.id = r.flow_id"
+            " WHERE f.name IN ('train', 'deploy-model')",
+        )
+        assert ("train", "COMPLETED") in runs and ("deploy-model", "COMPLETED") in runs, runs
+        keys = [
+            o["Key"]
+            for page in boto3.client("s3", endpoint_url=s3_server)
+            .get_paginator("list_objects_v2")
+            .paginate(Bucket="flywheel-stack-artifacts", Prefix="mlflow/")
+            for o in page.get("Contents", [])
+        ]
+        assert any(k.endswith("/MLmodel") for k in keys) and any(k.endswith("holdout_sample.parquet") for k in keys)
+        assert not (tmp_path / "state" / "mlflow.db").exists()  # nothing fell back to SQLite
+    finally:
+        stack.stop()
+        get_settings.cache_clear()
