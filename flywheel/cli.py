@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -152,10 +153,18 @@ def up() -> None:
     settings = get_settings()
     local.prepare_env(settings)
     stack = Stack(settings)
+
+    def _terminate(signum, frame):  # noqa: ARG001 - SIGTERM while starting: unwind like Ctrl-C, stopping every child
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         urls = stack.start()
     except ServerStartError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        typer.secho("start-up interrupted; everything started so far was stopped", err=True)
+        raise typer.Exit(code=130) from None
     _print_urls(urls)
     typer.echo("Ctrl-C stops the stack.")
     stack.run_until_signalled()
