@@ -79,6 +79,25 @@ def test_three_candidates_nested_runs_best_registered_and_gated(flow_env, model_
     assert aliases["challenger"] == result["version"]
     assert ("champion" in aliases) is result["promoted"]
 
+    # In parallel or one by one, the same models (seeded): each candidate trained alone with the plain functions on
+    # the same data and split scores what its nested run logged, so the same one wins.
+    from flywheel.tasks import data, evaluation
+
+    from flywheel.settings import get_settings
+    from flywheel.spec import load_spec
+
+    spec = load_spec(None)
+    split = training.split_dataset(data.pull_dataset(spec, *JAN), spec, seed=get_settings().seed)
+    positive = training.positive_label(split.y_test, spec)
+    alone = {
+        m.name: evaluation.evaluate_model(
+            training.train_model(split, spec, m, get_settings().seed), split.X_test, split.y_test, spec, positive
+        )["f1"]
+        for m in specs
+    }
+    assert alone == pytest.approx(f1, abs=1e-9)
+    assert max(alone, key=alone.get) == best_name
+
     # Unchanged data, candidates and code: nothing new is trained or registered.
     again = train(start=JAN[0], end=JAN[1], model_name=model_name, params_path=str(CANDIDATES_FILE))
     assert again["status"] == "unchanged" and again["version"] == result["version"]
