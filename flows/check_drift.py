@@ -33,8 +33,12 @@ class DriftCheckError(RuntimeError):
     """No champion, or no usable serving data to compare with."""
 
 
-def serving_log_dir() -> Path:
-    return get_settings().state_path / "serving" / "production"
+def serving_log_dir() -> Path | str:
+    """Where the production model server records what it scores (FLYWHEEL_REQUEST_LOG_URI, or the state dir)."""
+    s = get_settings()
+    return (
+        f"{s.request_log_uri.rstrip('/')}/production" if s.request_log_uri else s.state_path / "serving" / "production"
+    )
 
 
 @task(name="load-current-data", cache_policy=NO_CACHE)

@@ -1414,7 +1414,7 @@ def _parser() -> argparse.ArgumentParser:
         help="alias to load at start (retried while the registry is unreachable; none if it does not exist)",
     )
     p.add_argument("--role", default="production", help="label for this server (production, staging)")
-    p.add_argument("--request-log-dir", type=Path, default=None, help="where scored rows are written as Parquet")
+    p.add_argument("--request-log-dir", default=None, help="where scored rows are written as Parquet (a path or s3://)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     p.add_argument("--no-batching", action="store_true", help="score every request on its own")
     p.add_argument("--log-level", default="info")

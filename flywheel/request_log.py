@@ -54,9 +54,14 @@ class RequestLogWriter:
         flush_rows: int = 20_000,
         max_buffered_rows: int = 1_000_000,
     ) -> None:
-        self.root = Path(root)
+        self.s3 = _split_s3(str(root))  # (bucket, key prefix) for an s3:// root, else None
+        self.root = Path(root) if self.s3 is None else None
         self.model_name = model_name
-        self.dir = self.root / model_dir_name(model_name)
+        self.dir = (
+            self.root / model_dir_name(model_name)
+            if self.s3 is None
+            else f"s3://{self.s3[0]}/{_join(self.s3[1], model_dir_name(model_name))}"
+        )
         self.flush_interval = flush_interval
         self.flush_rows = flush_rows
         self.max_buffered_rows = max_buffered_rows
@@ -177,6 +182,8 @@ class RequestLogWriter:
             return written
 
     def _write_part(self, day: str, frame: pd.DataFrame) -> int:
+        if self.s3 is not None:
+            return self._put_part(day, frame)
         folder = self.dir / f"date={day}"
         folder.mkdir(parents=True, exist_ok=True)
         self._seq += 1
@@ -199,6 +206,83 @@ class RequestLogWriter:
         self.rows_written += len(frame)
         self.files_written += 1
         return len(frame)
+
+    def _put_part(self, day: str, frame: pd.DataFrame) -> int:
+        """One object per flush and day under the s3:// root (a PUT is atomic: readers never see half a file)."""
+        import io
+
+        bucket, prefix = self.s3
+        self._seq += 1
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        key = _join(
+            prefix,
+            model_dir_name(self.model_name),
+            f"date={day}",
+            f"part-{stamp}-{os.getpid()}-{self._seq:06d}.parquet",
+        )
+        buf = io.BytesIO()
+        try:
+            try:
+                frame.to_parquet(buf, index=False)
+            except Exception:  # mixed-type object columns: store them as text
+                buf = io.BytesIO()
+                _stringify_objects(frame).to_parquet(buf, index=False)
+            _s3_client().put_object(Bucket=bucket, Key=key, Body=buf.getvalue())
+        except Exception as exc:
+            self.rows_dropped += len(frame)
+            self.write_errors += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            logger.exception("could not write s3://%s/%s", bucket, key)
+            return 0
+        self.rows_written += len(frame)
+        self.files_written += 1
+        return len(frame)
+
+
+def _split_s3(uri: str) -> tuple[str, str] | None:
+    if not uri.startswith("s3://"):
+        return None
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"no bucket in {uri!r}")
+    return bucket, prefix.strip("/")
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+def _s3_client():
+    """boto3 itself reads AWS_ENDPOINT_URL_S3 (MinIO, moto) and the credential chain."""
+    import boto3
+
+    return boto3.client("s3")
+
+
+def _read_s3_log(bucket: str, prefix: str, model_name: str, lo, hi) -> list[pd.DataFrame]:
+    import io
+
+    s3 = _s3_client()
+    base = _join(prefix, model_dir_name(model_name)) + "/"
+    frames = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
+        for obj in page.get("Contents", []):
+            rel = obj["Key"][len(base) :]
+            day_part, _, name = rel.partition("/")
+            if not day_part.startswith("date=") or not (name.startswith("part-") and name.endswith(".parquet")):
+                continue
+            try:
+                day = date.fromisoformat(day_part.split("=", 1)[1])
+            except ValueError:
+                continue
+            if (lo is not None and day < lo.date()) or (hi is not None and day > hi.date()):
+                continue
+            try:
+                body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+                frames.append(pd.read_parquet(io.BytesIO(body)))
+            except Exception as exc:
+                logger.warning("skipping unreadable request log object s3://%s/%s: %s", bucket, obj["Key"], exc)
+    return frames
 
 
 def build_table(entries: list[tuple]) -> pd.DataFrame:
@@ -301,14 +385,15 @@ def read_request_log(
     Unreadable files (e.g. a disk that filled up) are skipped with a warning.
     """
     lo, hi = _to_utc(start), _to_utc(end)
-    folder = Path(dir) / model_dir_name(model_name)
     empty = pd.DataFrame(
         {"timestamp": pd.Series([], dtype="datetime64[ns, UTC]"), "model_version": [], "request_id": []}
     )
-    if not folder.is_dir():
+    s3 = _split_s3(str(dir))
+    folder = Path(dir) / model_dir_name(model_name) if s3 is None else None
+    if s3 is None and not folder.is_dir():
         return empty
-    frames = []
-    for day_dir in sorted(folder.glob("date=*")):
+    frames = _read_s3_log(*s3, model_name, lo, hi) if s3 is not None else []
+    for day_dir in sorted(folder.glob("date=*")) if folder is not None else []:
         try:
             day = date.fromisoformat(day_dir.name.split("=", 1)[1])
         except ValueError:

@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     retrain_cooldown_days: float = 30.0
     retrain_window_days: float = 90.0
 
+    request_log_uri: str | None = Field(
+        None, description="Where the model server records scored rows: s3://bucket/prefix (default: the state dir)."
+    )
     labels_uri: str | None = Field(None, description="Late ground truth (request_id + target) for the drift check.")
     pushgateway_url: str | None = Field(None, description="Prometheus Pushgateway for the drift check's gauges.")
     alert_webhook_url: str | None = Field(

@@ -152,8 +152,13 @@ class Stack:
             sys.executable, "-m", "flywheel.model_server", "--model", self.settings.model_name,
             "--host", self.settings.host, "--port", str(port), "--tracking-uri", self.urls()["mlflow_url"],
             "--initial-alias", alias, "--role", "production" if alias == "champion" else "staging",
-            "--request-log-dir", str(self.root / "serving" / ("production" if alias == "champion" else "staging")),
+            "--request-log-dir", self._request_log(alias),
         ]  # fmt: skip
+
+    def _request_log(self, alias: str) -> str:
+        role = "production" if alias == "champion" else "staging"
+        uri = self.settings.request_log_uri
+        return f"{uri.rstrip('/')}/{role}" if uri else str(self.root / "serving" / role)
 
     def _start_model_server(self, role: str, port: int, admin_token: str) -> ManagedProcess:
         env = {**self.child_env(), "FLYWHEEL_ADMIN_TOKEN": admin_token}

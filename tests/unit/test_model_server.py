@@ -481,6 +481,37 @@ def test_cli_arguments():
          "--request-log-dir", "/tmp/x", "--tracking-uri", "http://127.0.0.1:5050"]
     )  # fmt: skip
     assert (args.model, args.port, args.initial_alias, args.role) == ("m", 5999, "champion", "staging")
-    assert args.host is None and args.request_log_dir == Path("/tmp/x")
+    assert args.host is None and args.request_log_dir == "/tmp/x"
     with pytest.raises(SystemExit):
         _parser().parse_args(["--initial-alias", "a", "--initial-version", "1"])
+
+
+def test_request_log_on_s3_round_trips(tmp_path, monkeypatch):
+    """The request log written to an s3:// prefix (moto's S3 server on loopback) reads back like the local one."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from flywheel.processes import free_port
+    from flywheel.request_log import RequestLogWriter
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        for key, value in {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
+            monkeypatch.setenv(key, value)
+        boto3.client("s3").create_bucket(Bucket="serving-log")
+        writer = RequestLogWriter("s3://serving-log/prod/", "m/1")
+        rows = [{"hour": h, "carrier": "UA", "time_hour": f"2013-07-0{h}T10:00:00Z"} for h in range(1, 4)]
+        writer.append(rows, [0, 1, 0], version="3", request_ids=["a", "b", "c"], ts=time.time())
+        assert writer.flush() == 3 and writer.write_errors == 0
+        keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="serving-log")["Contents"]]
+        assert len(keys) == 1 and keys[0].startswith("prod/m_1/date=") and keys[0].endswith(".parquet")
+        frame = read_request_log("s3://serving-log/prod", "m/1")
+        assert frame["request_id"].tolist() == ["a", "b", "c"] and frame["prediction"].tolist() == [0, 1, 0]
+        assert (frame["model_version"] == "3").all() and "time_hour" in frame.columns
+        assert read_request_log("s3://serving-log/prod", "other").empty
+    finally:
+        server.stop()
