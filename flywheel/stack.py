@@ -186,15 +186,16 @@ class Stack:
 
     def _ensure_automations(self, alert_url: str | None) -> None:
         """Zombie-run detection always; alert notifications when a webhook URL is configured."""
-        from prefect.context import refresh_global_settings_context
+        from prefect.settings import PREFECT_API_URL, temporary_settings
 
         from flywheel.deployments.alerts import ensure_alerts, ensure_zombie_detection
 
-        os.environ["PREFECT_API_URL"] = self.urls()["prefect_api_url"]
-        refresh_global_settings_context()
-        ensure_zombie_detection()
-        if alert_url:
-            ensure_alerts(alert_url)
+        # This process's Prefect settings stay as they were (a test process, or `up` itself): only these calls go
+        # to the stack's server.
+        with temporary_settings(updates={PREFECT_API_URL: self.urls()["prefect_api_url"]}):
+            ensure_zombie_detection()
+            if alert_url:
+                ensure_alerts(alert_url)
 
     def _start_deployments(self) -> ManagedProcess:
         from flywheel.deployments.alerts import HEARTBEAT_SECONDS
