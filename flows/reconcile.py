@@ -7,6 +7,7 @@ by stage is treated like a `champion` move — the reconciler moves the alias, w
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
 
 from flywheel.flows.deploy import WATCHED_ALIASES, target_for
@@ -71,7 +72,46 @@ async def _deploy_in_flight(name: str) -> bool:
                 expected_start_time=FlowRunFilterExpectedStartTime(before_=datetime.now(UTC) + timedelta(minutes=1)),
             ),
         )
-    return any(r.parameters.get("name") == name for r in runs)
+        in_flight = False
+        for run in (r for r in runs if r.parameters.get("name") == name):
+            if run.state_type == StateType.RUNNING and await _silent(client, run):
+                continue
+            in_flight = True
+        return in_flight
+
+
+async def _silent(client, run) -> bool:
+    """A RUNNING deployment whose process died: no heartbeat for three periods (Prefect's zombie automation marks
+    it too, but only once it saw a first heartbeat — a process killed in its first seconds never sent one). It is
+    marked Crashed here so it blocks nothing. Only where heartbeats are on (the `flywheel up` deployments process
+    and infra's workers set PREFECT_FLOWS_HEARTBEAT_FREQUENCY)."""
+    from prefect.states import Crashed
+
+    period = int(os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY") or 0)
+    if period <= 0 or run.start_time is None:
+        return False
+    window = timedelta(seconds=3 * period + 10)
+    now = datetime.now(UTC)
+    if now - run.start_time < window:
+        return False
+    resp = await client._client.post(
+        "/events/filter",
+        json={
+            "filter": {
+                "occurred": {"since": (now - window).isoformat()},
+                "event": {"name": ["prefect.flow-run.heartbeat"]},
+                "resource": {"id": [f"prefect.flow-run.{run.id}"]},
+            },
+            "limit": 1,
+        },
+    )
+    resp.raise_for_status()
+    if resp.json().get("events"):
+        return False
+    await client.set_flow_run_state(
+        run.id, Crashed(message=f"no heartbeat for {window.seconds}s: its process is gone"), force=True
+    )
+    return True
 
 
 @flow(name="reconcile", log_prints=True)
