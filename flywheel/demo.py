@@ -94,9 +94,9 @@ class Loop:
         """Serving follows the champion through webhook → bridge → event → deploy-model; or the deploy fails."""
 
         def done():
-            if self.served_version() == version:
-                return True
             outcome = self.client.get_model_version(self.name, version).tags.get("deploy_outcome")
+            if outcome == "serving" and self.served_version() == version:
+                return True  # switched, watched, and in the ledger
             if outcome and outcome != "serving":
                 reason = self.client.get_model_version(self.name, version).tags.get("deploy_reason", "")
                 raise DemoError(f"v{version} was not deployed ({outcome}): {reason}")
@@ -132,6 +132,20 @@ class Loop:
         _wait("the request log to reach disk", flushed, timeout, interval=0.5)
 
     # ------------------------------------------------------------------------------------------- Prefect
+    def wait_deployments_idle(self, timeout: float = 180) -> None:
+        """No deploy-model run still going (e.g. the challenger's), so stopping the stack cuts none short."""
+
+        def idle():
+            resp = self.http.post(
+                self.urls["prefect_api_url"] + "/flow_runs/filter",
+                json={"flows": {"name": {"any_": ["deploy-model"]}},
+                      "flow_runs": {"state": {"type": {"any_": ["PENDING", "RUNNING"]}}}},
+            )  # fmt: skip
+            resp.raise_for_status()
+            return not resp.json()
+
+        _wait("the last deployments to finish", idle, timeout)
+
     def wait_retraining(self, since: float, timeout: float = 900) -> dict:
         """The `train/on-drift` run the drift event started (created after `since`), to its end."""
         api = self.urls["prefect_api_url"]
@@ -315,6 +329,7 @@ def run_demo(settings: Settings, *, months: int | None, keep: bool, echo: Callab
         loop = Loop(settings, urls, echo)
         rows = replay(loop, months)
         summary = publish(loop, rows, local.state_dir(settings))
+        loop.wait_deployments_idle()
         echo("")
         echo(summary_table(rows))
         echo(

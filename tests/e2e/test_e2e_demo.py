@@ -48,3 +48,33 @@ def test_demo_closes_the_loop(tmp_path):
     assert "| 2013-06 |" in proc.stdout
     # Nothing is left running: the stack file is gone with the stack.
     assert not (state / "stack.json").exists()
+
+    # The registry (the stack's SQLite store, read with MLflow's own client): v1 and the retrained v2, with aliases
+    # as the gate decided, each deployment in the ledger tags.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{state / 'mlflow.db'}")
+    versions = {v.version: v for v in client.search_model_versions("name = 'flights-e2e'")}
+    assert set(versions) == {"1", "2"}
+    assert versions["1"].tags["deploy_outcome"] == "serving" and versions["1"].tags["gate_passed"] == "true"
+    champion = client.get_model_version_by_alias("flights-e2e", "champion").version
+    assert champion == june["champion_version"]
+    if june["promoted"]:
+        assert versions["2"].tags["deploy_outcome"] == "serving" and versions["2"].tags["deploy_trigger"] == "event"
+    assert (
+        versions["2"].tags["data_window"].startswith("2013-04-02")
+        and versions["2"].tags["data_hash"] != (versions["1"].tags["data_hash"])
+    )  # the retraining saw the drifted window, not the champion's data
+
+    # The Prefect runs (the stack's Prefect database): the first train, the drift-triggered train, the deployments
+    # the alias moves caused, one drift check a month.
+    import sqlite3
+
+    with sqlite3.connect(state / "prefect" / "prefect.db") as db:
+        runs = db.execute(
+            "SELECT f.name, r.state_type, r.deployment_id IS NOT NULL FROM flow_run r JOIN flow f ON f.id = r.flow_id"
+        ).fetchall()
+    completed = [(name, by_deployment) for name, state_type, by_deployment in runs if state_type == "COMPLETED"]
+    assert completed.count(("check-drift", 0)) == 4
+    assert ("train", 1) in completed  # train/on-drift, started by the drift event
+    assert completed.count(("deploy-model", 1)) >= 2  # champion v1 and what followed, started by the alias events
