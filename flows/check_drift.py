@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pandas as pd
@@ -68,28 +68,11 @@ def load_current(spec: DatasetSpec, model_name: str, current_uri: str | None, st
 
 
 async def _train_in_flight(model_name: str) -> bool:
+    from flywheel.tasks.runs import in_flight
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowFilter,
-        FlowFilterName,
-        FlowRunFilter,
-        FlowRunFilterExpectedStartTime,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-    )
-    from prefect.client.schemas.objects import StateType
 
     async with get_client() as client:
-        runs = await client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=["train"])),
-            flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(
-                    type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED])
-                ),
-                # A cron schedule keeps future runs SCHEDULED: only runs due now count as in flight.
-                expected_start_time=FlowRunFilterExpectedStartTime(before_=datetime.now(UTC) + timedelta(minutes=1)),
-            ),
-        )
+        runs = await in_flight(client, "train")
     return any((r.parameters.get("model_name") or get_settings().model_name) == model_name for r in runs)
 
 

@@ -50,34 +50,17 @@ def sync_production_stage(name: str) -> str | None:
 
 
 async def _deploy_in_flight(name: str) -> bool:
+    from flywheel.tasks.runs import in_flight
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowFilter,
-        FlowFilterName,
-        FlowRunFilter,
-        FlowRunFilterExpectedStartTime,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-    )
     from prefect.client.schemas.objects import StateType
 
     async with get_client() as client:
-        runs = await client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=["deploy-model"])),
-            flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(
-                    type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED])
-                ),
-                # A cron schedule keeps future runs SCHEDULED: only runs due now count as in flight.
-                expected_start_time=FlowRunFilterExpectedStartTime(before_=datetime.now(UTC) + timedelta(minutes=1)),
-            ),
-        )
-        in_flight = False
-        for run in (r for r in runs if r.parameters.get("name") == name):
+        busy = False
+        for run in (r for r in await in_flight(client, "deploy-model") if r.parameters.get("name") == name):
             if run.state_type == StateType.RUNNING and await _silent(client, run):
                 continue
-            in_flight = True
-        return in_flight
+            busy = True
+        return busy
 
 
 async def _silent(client, run) -> bool:
