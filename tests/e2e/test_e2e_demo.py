@@ -54,10 +54,10 @@ def test_demo_closes_the_loop(tmp_path):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{state / 'mlflow.db'}")
-    versions = {v.version: v for v in client.search_model_versions("name = 'flights-e2e'")}
+    versions = {str(v.version): v for v in client.search_model_versions("name = 'flights-e2e'")}
     assert set(versions) == {"1", "2"}
     assert versions["1"].tags["deploy_outcome"] == "serving" and versions["1"].tags["gate_passed"] == "true"
-    champion = client.get_model_version_by_alias("flights-e2e", "champion").version
+    champion = str(client.get_model_version_by_alias("flights-e2e", "champion").version)
     assert champion == june["champion_version"]
     if june["promoted"]:
         assert versions["2"].tags["deploy_outcome"] == "serving" and versions["2"].tags["deploy_trigger"] == "event"
