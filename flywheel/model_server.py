@@ -18,6 +18,11 @@ the same columns and value types are parsed and predicted as one frame (the answ
 that fails falls back to one request at a time). Scored rows go to an in-memory buffer that a background thread
 writes as Parquet (`flywheel.request_log`). No MLflow call and no disk I/O happens on the request path.
 
+A slot may also hold a version that predicts in another process: with `"upstream": "http://127.0.0.1:PORT"` in
+`/admin/load`, the version's own container (the image `mlflow models build-docker` makes, see the `docker` target in
+flywheel.tasks.serving) does the predicting while this server stays the stable URL in front of it, with the same
+input checks, request log, metrics and blue/green switch.
+
 Run: `python -m flywheel.model_server --model NAME --port P [--initial-alias champion]`, tokens from
 `FLYWHEEL_ADMIN_TOKEN` / `FLYWHEEL_SERVING_TOKEN`.
 """
@@ -160,6 +165,7 @@ class Slot:
     batchable: bool = True
     float_cols: frozenset = frozenset()  # input columns of float/double type (see _VALUE_CLASS)
     warmup_error: str | None = None
+    upstream: str | None = None  # base URL of the process that predicts for this slot; None: in this process
     activated_at: float | None = None
     was_active: bool = False
     requests: int = 0  # requests this slot answered (any status)
@@ -182,7 +188,77 @@ class Slot:
             "rejected": self.rejected,
             "rows": self.rows,
             "warmup_error": self.warmup_error,
+            "upstream": self.upstream,
         }
+
+
+_UPSTREAM_RE = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+$")
+UPSTREAM_TIMEOUT_SECONDS = 60.0
+
+
+class UpstreamError(RuntimeError):
+    """The process that predicts for a slot did not answer, or answered with a server error."""
+
+
+class _Upstream:
+    """A version that predicts in another process speaking MLflow's scoring protocol (its own container).
+
+    Written by hand: MLflow's scoring server serves one model and has no routing between versions, so this server
+    stays in front as the stable URL. The input is parsed and checked against the version's signature here, as for
+    an in-process model; the parsed frame goes on as `dataframe_split`, and the answer comes back as predictions.
+    A 4xx answer is the caller's fault (raised as MlflowException → 400 here); no answer or a 5xx is the upstream's
+    (UpstreamError → 502, counted as a model error, which the live error watch after a switch sees).
+    """
+
+    def __init__(self, url: str, metadata: Any, timeout: float = UPSTREAM_TIMEOUT_SECONDS) -> None:
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.metadata = metadata
+        self._client = httpx.Client(timeout=timeout, limits=httpx.Limits(max_keepalive_connections=8))
+
+    def ping(self) -> int:
+        return self._client.get(self.url + "/ping").status_code
+
+    def predict(self, data: Any, params: dict | None = None) -> Any:
+        import httpx
+        from mlflow.exceptions import MlflowException
+
+        if isinstance(data, pd.DataFrame):
+            payload: dict[str, Any] = {
+                "dataframe_split": json.loads(data.to_json(orient="split", date_format="iso", index=False))
+            }
+        else:
+            payload = {"inputs": data.tolist() if isinstance(data, np.ndarray) else data}
+        if params:
+            payload["params"] = params
+        try:
+            resp = self._client.post(self.url + "/invocations", json=payload)
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"{self.url} did not answer: {type(exc).__name__}: {exc}") from exc
+        try:
+            body = resp.json()
+        except ValueError:
+            body = {}
+        if resp.status_code >= 500 or not isinstance(body, dict):
+            raise UpstreamError(f"{self.url} answered {resp.status_code}: {_clip(resp.text, 300)}")
+        if resp.status_code >= 400:
+            from mlflow.protos.databricks_pb2 import BAD_REQUEST, ErrorCode
+
+            try:
+                code = ErrorCode.Value(str(body.get("error_code")))
+            except ValueError:
+                code = BAD_REQUEST
+            raise MlflowException(str(body.get("message") or resp.text)[:MAX_ERROR_MESSAGE], error_code=code)
+        if "predictions" not in body:
+            raise UpstreamError(f"{self.url} answered without predictions: {_clip(resp.text, 300)}")
+        preds = body["predictions"]
+        if isinstance(preds, list) and preds and isinstance(preds[0], dict):
+            return pd.DataFrame(preds)
+        return np.asarray(preds) if isinstance(preds, list) else preds
+
+    def close(self) -> None:
+        self._client.close()
 
 
 @dataclass(eq=False)
@@ -380,7 +456,7 @@ class ModelServer:
         self._offload.shutdown(wait=False, cancel_futures=True)
         for slot in (self.active, self.standby):
             if slot is not None:
-                _remove_dir(slot.local_dir)
+                _release(slot)
 
     def _initial_load(self) -> None:
         """Load the initial version/alias into the active slot (after a restart: the current champion); retry
@@ -404,7 +480,7 @@ class ModelServer:
                     logger.info("serving %s v%s", self.model_name, slot.version)
                     self._after_load()
                 else:
-                    _remove_dir(slot.local_dir)
+                    _release(slot)
                 return
             except ApiError as err:
                 if err.status == 404:
@@ -423,8 +499,9 @@ class ModelServer:
             delay = min(delay * 2, 300.0)
 
     # ------------------------------------------------------------------ loading (worker threads only)
-    def _load(self, version: str | None, alias: str | None) -> Slot:
-        """Resolve a version or alias of the configured model in the configured registry and load it."""
+    def _load(self, version: str | None, alias: str | None, upstream: str | None = None) -> Slot:
+        """Resolve a version or alias of the configured model in the configured registry and load it (or, with
+        `upstream`, its metadata, the predicting being done by the process at that URL)."""
         import mlflow
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
@@ -455,7 +532,9 @@ class ModelServer:
                 local = mlflow.artifacts.download_artifacts(
                     artifact_uri=download_uri, tracking_uri=self.tracking_uri, dst_path=dst
                 )
-                model = mlflow.pyfunc.load_model(local)
+                model = _upstream_model(upstream, local) if upstream else mlflow.pyfunc.load_model(local)
+            except ApiError:
+                raise
             except Exception as exc:
                 raise ApiError(
                     502, "LOAD_FAILED", f"could not load {ref} (v{mv.version}): {type(exc).__name__}: {exc}"
@@ -470,6 +549,7 @@ class ModelServer:
                 loaded_at=time.time(),
                 load_seconds=0.0,
                 requested_as=ref,
+                upstream=upstream,
             )
             slot.batchable = self.batching and _batchable_schema(model)
             slot.float_cols = _float_columns(slot.input_schema)
@@ -497,14 +577,14 @@ class ModelServer:
             gc.collect()
             gc.freeze()
 
-    def _load_standby(self, version: str | None, alias: str | None) -> Slot:
+    def _load_standby(self, version: str | None, alias: str | None, upstream: str | None = None) -> Slot:
         try:
-            slot = self._load(version, alias)
+            slot = self._load(version, alias, upstream)
             with self._slot_lock:
                 old, self.standby = self.standby, slot
                 self.metrics.set_slots(self.active, self.standby)
             if old is not None:
-                _remove_dir(old.local_dir)
+                _release(old)
             logger.info("loaded %s v%s into standby", self.model_name, slot.version)
             self._after_load()
             return slot
@@ -516,7 +596,7 @@ class ModelServer:
     async def admin_load(self, body: dict) -> tuple[int, dict]:
         # Only a version or alias of the configured model: a `uri`, a path or another model's name is refused, never
         # silently read as "that version number of this model".
-        unknown = sorted(set(body) - {"version", "alias", "force", "wait", "name"})
+        unknown = sorted(set(body) - {"version", "alias", "force", "wait", "name", "upstream"})
         if unknown:
             raise ApiError(400, "INVALID_PARAMETER_VALUE",
                            f"unknown field(s) {', '.join(unknown)}: this server loads only versions of "
@@ -533,9 +613,15 @@ class ModelServer:
                 raise ApiError(400, "INVALID_PARAMETER_VALUE", f'"version" must be a version number, got {version!r}')
         elif not isinstance(alias, str) or not _ALIAS_RE.match(alias):
             raise ApiError(400, "INVALID_PARAMETER_VALUE", f'"alias" is not a valid alias: {alias!r}')
+        upstream = body.get("upstream")
+        if upstream is not None and (not isinstance(upstream, str) or not _UPSTREAM_RE.match(upstream)):
+            raise ApiError(
+                400, "INVALID_PARAMETER_VALUE",
+                f'"upstream" must be a base URL like "http://127.0.0.1:8080", got {str(upstream)[:100]!r}',
+            )  # fmt: skip
         if version is not None and not body.get("force"):
             standby = self.standby
-            if standby is not None and standby.version == version:
+            if standby is not None and standby.version == version and standby.upstream == upstream:
                 return 200, {"slot": "standby", "already_loaded": True, "loaded": standby.info(), "state": self.state()}
         if not self._load_lock.acquire(blocking=False):
             if self._load_owner != "initial":
@@ -545,7 +631,7 @@ class ModelServer:
                 raise ApiError(409, "RESOURCE_CONFLICT", f"the initial load is still running: {self.loading}")
         self._load_owner = "admin"
         try:
-            fut: Future = self._loader.submit(self._load_standby, version, alias)
+            fut: Future = self._loader.submit(self._load_standby, version, alias, upstream)
         except BaseException:
             self._load_lock.release()
             raise
@@ -709,7 +795,7 @@ class ModelServer:
                     group_rows = sum(j.n for j in group)
                     t0 = time.perf_counter()
                     try:
-                        if group_rows >= OFFLOAD_ROWS or group[0].size >= OFFLOAD_BYTES:
+                        if group_rows >= OFFLOAD_ROWS or group[0].size >= OFFLOAD_BYTES or group[0].slot.upstream:
                             outcomes = await loop.run_in_executor(self._offload, self._score_group, group)
                         else:
                             outcomes = self._score_group(group)
@@ -819,6 +905,10 @@ class ModelServer:
             if job.record:
                 slot.rejected += 1
             return _Outcome(400, _error_body(exc.error_code or "BAD_REQUEST", _mlflow_message(exc)))
+        except UpstreamError as exc:
+            if job.record:
+                slot.errors += 1
+            return _Outcome(502, _error_body("UPSTREAM_ERROR", f"v{slot.version} could not predict: {exc}"))
         except Exception as exc:
             if job.record:
                 slot.errors += 1
@@ -996,6 +1086,28 @@ def _warm_up(model: Any, local_dir: str) -> str | None:
         return None
     except Exception as exc:
         return _clip(f"{type(exc).__name__}: {exc}", 500)
+
+
+def _upstream_model(url: str, local_dir: str) -> _Upstream:
+    """The version's metadata (signature, input example) from the registry, its predictions from `url`."""
+    from mlflow.models import Model
+
+    model = _Upstream(url, Model.load(local_dir))
+    try:
+        status = model.ping()
+    except Exception as exc:
+        model.close()
+        raise ApiError(502, "LOAD_FAILED", f"upstream {url} unreachable: {type(exc).__name__}: {exc}") from exc
+    if status != 200:
+        model.close()
+        raise ApiError(502, "LOAD_FAILED", f"upstream {url} is not ready: /ping answered {status}")
+    return model
+
+
+def _release(slot: Slot) -> None:
+    _remove_dir(slot.local_dir)
+    if isinstance(slot.model, _Upstream):
+        slot.model.close()
 
 
 def _remove_dir(path: str | None) -> None:

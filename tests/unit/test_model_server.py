@@ -515,3 +515,70 @@ def test_request_log_on_s3_round_trips(tmp_path, monkeypatch):
         assert read_request_log("s3://serving-log/prod", "other").empty
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------------------------------- upstream slots
+@pytest.fixture
+def mlflow_scoring_server(registry):
+    """MLflow's own scoring server (what the image of `mlflow models build-docker` runs) for v2, on a real port."""
+    import uvicorn
+    from mlflow.pyfunc import scoring_server
+
+    from flywheel import processes
+
+    port = processes.free_port()
+    app = scoring_server.init(registry["models"]["2"])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="mlflow-scoring-server", daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    wait_until(lambda: _ping(base) == 200, timeout=30)
+    yield base, server
+    server.should_exit = True
+    thread.join(15)
+
+
+def test_upstream_slot_predicts_in_another_process_behind_the_same_url(registry, rows, mlflow_scoring_server):
+    """A version loaded with "upstream" is predicted by the scoring server at that URL; this server keeps parsing,
+    checking, logging and switching. When the upstream dies, requests get a 502 JSON error counted as model errors,
+    and the in-process version is one rollback away."""
+    upstream, upstream_server = mlflow_scoring_server
+    app = create_app(MODEL, registry["uri"], admin_token=ADMIN, initial_version="1")
+    recs = records_json(rows)
+    with TestClient(app) as client:
+        wait_until(lambda: client.get("/ping").status_code == 200)
+        bad = client.post("/admin/load", json={"version": "2", "upstream": "file:///etc/passwd"}, headers=AUTH)
+        assert bad.status_code == 400 and "upstream" in bad.json()["message"]
+        down = client.post("/admin/load", json={"version": "2", "upstream": "http://127.0.0.1:9"}, headers=AUTH)
+        assert down.status_code == 502 and "unreachable" in down.json()["message"]
+
+        loaded = client.post("/admin/load", json={"version": "2", "upstream": upstream}, headers=AUTH)
+        assert loaded.status_code == 200, loaded.text
+        assert loaded.json()["loaded"]["upstream"] == upstream and loaded.json()["loaded"]["warmup_error"] is None
+        smoke = client.post("/admin/smoke", json={"records": recs[:10], "max_error_rate": 0, "max_p50_ms": 5000},
+                            headers=AUTH)  # fmt: skip
+        assert smoke.json()["ok"], smoke.text
+        assert client.post("/admin/swap", headers=AUTH).status_code == 200
+
+        for body in ({"dataframe_records": recs}, {"dataframe_split": json.loads(rows.to_json(orient="split"))}):
+            resp = client.post("/invocations", json=body)
+            assert resp.status_code == 200, resp.text
+            assert resp.json() == {"predictions": expected(registry, rows, "2")}
+            assert resp.headers["X-Flywheel-Model-Version"] == "2"
+        one = client.post("/invocations", json={"dataframe_records": recs[:1]})
+        assert one.json() == {"predictions": expected(registry, rows.head(1), "2")}
+        missing = client.post("/invocations", json={"dataframe_records": [{"hour": 5}]})
+        assert missing.status_code == 400 and missing.json()["error_code"]
+
+        upstream_server.should_exit = True
+        wait_until(lambda: _ping(upstream) == 0, timeout=15)
+        dead = client.post("/invocations", json={"dataframe_records": recs[:2]})
+        assert dead.status_code == 502, dead.text
+        assert dead.json()["error_code"] == "UPSTREAM_ERROR" and "v2" in dead.json()["message"]
+        active = client.get("/admin/state", headers=AUTH).json()["active"]
+        assert active["version"] == "2" and active["errors"] >= 1
+
+        assert client.post("/admin/rollback", headers=AUTH).status_code == 200
+        back = client.post("/invocations", json={"dataframe_records": recs})
+        assert back.status_code == 200 and back.headers["X-Flywheel-Model-Version"] == "1"
+        assert back.json() == {"predictions": expected(registry, rows, "1")}
