@@ -22,7 +22,12 @@ WATCHED_ALIASES = (registry.CHAMPION, registry.CHALLENGER)
 
 
 def deploy_lock(name: str, alias: str) -> str:
-    """The Prefect global concurrency limit (limit 1) that keeps deployments of one model and alias in series.
+    """The Prefect global concurrency limit (limit 1) that keeps deployments of one model and alias in series."""
+    return ensure_lock(f"deploy-{name}-{alias}")
+
+
+def ensure_lock(lock: str) -> str:
+    """A Prefect global concurrency limit of 1 named `lock`, created if missing.
 
     `concurrency()` is a silent no-op for a limit that does not exist, so the limit is created first (by any
     deployment that gets here first; a concurrent creator's conflict is harmless) and then taken strictly.
@@ -30,7 +35,6 @@ def deploy_lock(name: str, alias: str) -> str:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectAlreadyExists
 
-    lock = f"deploy-{name}-{alias}"
     with get_client(sync_client=True) as client:
         try:
             client.upsert_global_concurrency_limit_by_name(lock, 1)
@@ -76,9 +80,14 @@ def kubernetes_step(name: str, version: str, pkg, s) -> None:
 
 
 def target_for(alias: str) -> serving.LocalTarget:
-    """`champion` serves production traffic; `challenger` goes to the staging server."""
+    """`champion` serves production traffic; `challenger` goes to the staging server. With
+    `FLYWHEEL_DEPLOY_TARGET=docker` each version predicts in its own container behind that server."""
     s = get_settings()
     url = s.serving_url if alias == registry.CHAMPION else s.staging_url
+    role = "production" if alias == registry.CHAMPION else "staging"
+    if s.deploy_target == "docker":
+        return serving.DockerTarget(url=url, admin_token=s.secret("admin_token"), model_name=s.model_name, role=role,
+                                    name="docker" if role == "production" else "docker-staging")  # fmt: skip
     name = "local" if alias == registry.CHAMPION else "staging"
     return serving.LocalTarget(url=url, admin_token=s.secret("admin_token"), name=name)
 
@@ -158,10 +167,18 @@ def deploy_model(
             trigger=trigger, previous_version=previous, event_id=event_id, flow_run_id=str(flow_run.id or ""),
         )  # fmt: skip
         try:
-            pkg = package(name, version, str(s.state_path / "packages"), s.build_images)
+            # One packaging of a model at a time: the staging and the production deployment of a version share
+            # its build context directory and image tag (the second reuses the first's image).
+            with concurrency(ensure_lock(f"package-{name}"), occupy=1, timeout_seconds=1800, lease_duration=60,
+                             strict=True):  # fmt: skip
+                pkg = package(name, version, str(s.state_path / "packages"), s.build_images)
             rec.context, rec.image = pkg.context_dir, pkg.image_id or f"not built: {pkg.engine}"
             kubernetes_step(name, version, pkg, s)
-            target.load(version)
+            if isinstance(target, serving.DockerTarget) and not pkg.image_id:
+                raise serving.TargetError(
+                    f"the docker target runs image {pkg.image_tag} and there is none: {pkg.engine}"
+                )
+            rec.container = target.load(version).get("container")
             smoke = smoke_test(target, name, version)
         except Exception as exc:  # anything before the switch: the version never serves
             rec.outcome, rec.reason = "failed", f"{type(exc).__name__}: {exc}"

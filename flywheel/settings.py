@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -60,7 +61,11 @@ class Settings(BaseSettings):
     prefect_database_url: SecretStr | None = Field(None, description="e.g. postgresql+asyncpg://…/prefect")
 
     # Deployments.
-    deploy_target: str = Field("local", description="local (model server process) or kubernetes (manifests).")
+    deploy_target: Literal["local", "docker", "kubernetes"] = Field(
+        "local",
+        description="local (model server process), docker (a container per version behind the model server; needs "
+        "a Docker-compatible engine at DOCKER_HOST) or kubernetes (manifests, applied with a kubectl context).",
+    )
     deploy_watch_seconds: float = Field(60.0, description="How long the live error rate is watched after a switch.")
     deploy_max_live_error_rate: float = 0.05
     smoke_max_error_rate: float = 0.0

@@ -140,6 +140,8 @@ class Stack:
             self._register_webhook(u["bridge_url"])
             self.children["deployments"] = self._start_deployments()
             self._ensure_automations(s.alert_webhook_url)
+            if s.deploy_target == "docker":
+                self._check_engine()
         except BaseException:
             self.stop()
             raise
@@ -275,8 +277,32 @@ class Stack:
             mp = self.children.pop(name, None)
             if mp is not None:
                 mp.stop()
+        if self.settings.deploy_target == "docker":
+            self._remove_containers()
         if self.stack_file.exists():
             self.stack_file.unlink()
+
+    @staticmethod
+    def _check_engine() -> None:
+        from flywheel.tasks.serving import TargetError, docker_engine
+
+        try:
+            docker_engine(timeout=5)
+        except TargetError as exc:
+            print(f"warning: {exc}. Until one answers, deployments fail; what serves stays.", file=sys.stderr)
+
+    def _remove_containers(self) -> None:
+        """The docker target's containers sit behind this stack's model servers: they stop with them."""
+        from flywheel.tasks.serving import DockerTarget, TargetError
+
+        s = self.settings
+        for role, url in (("production", s.serving_url), ("staging", s.staging_url)):
+            try:
+                removed = DockerTarget(url=url, admin_token=None, model_name=s.model_name, role=role).remove_all()
+            except TargetError:
+                continue  # no engine: no container of ours can be running
+            if removed:
+                print(f"removed containers: {', '.join(removed)}", file=sys.stderr)
 
     def run_until_signalled(self) -> None:
         def _handler(signum, frame):  # noqa: ARG001

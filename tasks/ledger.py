@@ -31,6 +31,7 @@ class DeploymentRecord:
     finished_at: str | None = None
     context: str | None = None
     image: str | None = None
+    container: str | None = None  # docker target: the container that predicts for this version
     outcome: str = "pending"  # serving | failed-smoke | rolled-back-live | failed | superseded
     reason: str = ""
 
@@ -55,6 +56,8 @@ def record_in_registry(mlflow_client, rec: DeploymentRecord) -> None:
         "deploy_image": rec.image or "none",
         "deploy_context": rec.context or "",
     }
+    if rec.container:
+        tags["deploy_container"] = rec.container
     if rec.reason:
         tags["deploy_reason"] = rec.reason[:4000]
     tags["deploy_outcome"] = tags.pop("deploy_outcome")  # written last: a reader that sees it sees the rest

@@ -56,18 +56,29 @@ def digest_dir(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def build_image(context: Path, tag: str) -> tuple[str | None, str]:
-    """(image id, engine) when a Docker engine is reachable; (None, why not) otherwise."""
+DIGEST_LABEL = "io.flywheel.context-digest"
+
+
+def build_image(context: Path, tag: str, digest: str) -> tuple[str | None, str]:
+    """(image id, engine) when a Docker engine is reachable; (None, why not) otherwise. An image of `tag` built
+    from the same context (its digest label) is reused: the staging and the production deployment of one version
+    run the same image."""
     try:
         import docker
-        from docker.errors import DockerException
+        from docker.errors import DockerException, ImageNotFound
 
-        client = docker.from_env(timeout=10)
+        client = docker.from_env(timeout=600)
         client.ping()
     except Exception as exc:  # no engine: DockerException, missing socket, permission denied
         return None, f"no Docker engine reachable ({type(exc).__name__}): image not built"
     try:
-        image, _ = client.images.build(path=str(context), tag=tag, rm=True)
+        existing = client.images.get(tag)
+        if (existing.labels or {}).get(DIGEST_LABEL) == digest:
+            return existing.id, "docker (reused: same build context)"
+    except ImageNotFound:
+        pass
+    try:
+        image, _ = client.images.build(path=str(context), tag=tag, rm=True, labels={DIGEST_LABEL: digest})
     except DockerException as exc:
         return None, f"docker build failed: {exc}"
     return image.id, "docker"
@@ -75,9 +86,9 @@ def build_image(context: Path, tag: str) -> tuple[str | None, str]:
 
 def package_version(model_name: str, version: str, work_dir: Path, build: bool = True) -> Package:
     context = build_context(model_name, version, work_dir / f"{model_name}-v{version}")
-    tag = image_tag(model_name, version)
-    image_id, engine = build_image(context, tag) if build else (None, "image build disabled")
-    return Package(model_name, str(version), str(context), digest_dir(context), tag, image_id, engine)
+    tag, digest = image_tag(model_name, version), digest_dir(context)
+    image_id, engine = build_image(context, tag, digest) if build else (None, "image build disabled")
+    return Package(model_name, str(version), str(context), digest, tag, image_id, engine)
 
 
 @task(name="package-model", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 5])

@@ -2,6 +2,10 @@
 
 - `local` (embedded default): Flywheel's model server process (flywheel.model_server) at a stable URL. It keeps
   two slots in one process; the new version is loaded beside the old one, smoke-tested, then swapped in.
+- `docker`: one container per version, from the image packaging built (`flywheel/<model>:<version>`, MLflow's
+  serving image), published on a loopback port; the model server stays the stable URL in front and forwards the
+  version's predictions to its container (an "upstream" slot), so health check, smoke test, switch, live watch and
+  rollback are the same as for `local`. The previous version's container keeps running for an instant switch back.
 - `kubernetes`: blue/green Deployments behind one Service whose selector switches; rendered as manifests, and
   applied with kubectl only when a cluster context is configured.
 """
@@ -108,6 +112,138 @@ def watch_live(
             return False, f"live error rate {e}/{n} = {e / n:.1%} > {max_error_rate:.1%} after the switch"
     req, err = target.counters()
     return True, f"{req - start_req} live requests, {err - start_err} errors in {seconds:.0f}s"
+
+
+# ------------------------------------------------------------------------------------------------------- docker
+CONTAINER_PORT = 8080  # MLflow's serving image (nginx → the scoring server) listens here
+_PING = "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/ping', timeout=3)"
+
+
+def docker_engine(timeout: float = 30.0):
+    """A client of the Docker-compatible engine at DOCKER_HOST (or the default socket); TargetError if none answers."""
+    try:
+        import docker
+
+        engine = docker.from_env(timeout=timeout)
+        engine.ping()
+    except Exception as exc:  # DockerException, missing socket, permission denied
+        raise TargetError(
+            f"the docker target needs a Docker-compatible engine and none is reachable ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); set DOCKER_HOST, or FLYWHEEL_DEPLOY_TARGET=local"
+        ) from exc
+    return engine
+
+
+@dataclass
+class DockerTarget(LocalTarget):
+    """`local`'s blue/green through the model server's admin API, with each version predicted by its own container.
+
+    load: run `flywheel/<model>:<version>` (labelled, loopback port chosen by the engine, restarted unless stopped),
+    wait for its /ping, then load it as the standby slot's upstream. Containers neither slot uses any more are
+    removed after each load, so the serving one and the one to switch back to stay.
+    """
+
+    model_name: str = ""
+    role: str = "production"
+    name: str = "docker"
+    start_timeout: float = 300.0
+
+    def container_name(self, version: str) -> str:
+        app = "".join(c if c.isalnum() else "-" for c in self.model_name.lower()).strip("-")
+        return f"flywheel-{app}-{self.role}-v{version}"
+
+    def labels(self, version: str) -> dict[str, str]:
+        return {"flywheel.model": self.model_name, "flywheel.role": self.role, "flywheel.version": str(version),
+                "flywheel.front": self.url}  # fmt: skip
+
+    def _mine(self, engine) -> list:
+        return [
+            c for c in engine.containers.list(all=True, filters={"label": f"flywheel.model={self.model_name}"})
+            if c.labels.get("flywheel.role") == self.role and c.labels.get("flywheel.front") == self.url
+        ]  # fmt: skip
+
+    def load(self, version: str) -> dict:
+        from flywheel.tasks.packaging import image_tag
+
+        engine = docker_engine()
+        tag = image_tag(self.model_name, version)
+        try:
+            engine.images.get(tag)
+        except Exception as exc:
+            raise TargetError(
+                f"image {tag} is not in the engine ({type(exc).__name__}): packaging did not build it"
+            ) from exc
+        name = self.container_name(version)
+        for old in engine.containers.list(all=True, filters={"name": f"^{name}$"}):
+            old.remove(force=True)  # a leftover of an earlier attempt at this version
+        container = engine.containers.run(
+            tag, detach=True, name=name, labels=self.labels(version),
+            ports={f"{CONTAINER_PORT}/tcp": ("127.0.0.1",)},  # the engine picks a free loopback port
+            healthcheck={"test": ["CMD", "python", "-c", _PING], "interval": 10**10, "timeout": 5 * 10**9,
+                         "retries": 3, "start_period": 60 * 10**9},
+            restart_policy={"Name": "unless-stopped"},
+        )  # fmt: skip
+        try:
+            upstream = self._wait_ready(container)
+            body = self._call("POST", "/admin/load", json={"version": str(version), "upstream": upstream})
+        except Exception:
+            container.remove(force=True)
+            raise
+        self.prune(engine)
+        return {**body, "container": name, "upstream": upstream}
+
+    def _wait_ready(self, container) -> str:
+        """The container's URL once its /ping answers 200; TargetError (with its last log lines) if it exits first
+        or does not get ready in time."""
+        deadline = time.monotonic() + self.start_timeout
+        url = None
+        while time.monotonic() < deadline:
+            container.reload()
+            if container.status in ("exited", "dead"):
+                raise TargetError(f"container {container.name} exited: {self._logs(container)}")
+            binding = (container.attrs.get("NetworkSettings", {}).get("Ports") or {}).get(f"{CONTAINER_PORT}/tcp")
+            if binding and url is None:
+                url = f"http://127.0.0.1:{binding[0]['HostPort']}"
+            if url:
+                try:
+                    if httpx.get(url + "/ping", timeout=3).status_code == 200:
+                        return url
+                except httpx.HTTPError:
+                    pass
+            time.sleep(1.0)
+        raise TargetError(
+            f"container {container.name} not ready after {self.start_timeout:.0f}s: {self._logs(container)}"
+        )
+
+    @staticmethod
+    def _logs(container, lines: int = 15) -> str:
+        try:
+            return container.logs(tail=lines).decode(errors="replace").strip()[-2000:] or "(no output)"
+        except Exception as exc:
+            return f"(logs unavailable: {exc})"
+
+    def prune(self, engine=None) -> list[str]:
+        """Remove this target's containers that neither slot of the model server uses."""
+        engine = engine or docker_engine()
+        st = self.state()
+        keep = {(st.get(slot) or {}).get("upstream") for slot in ("active", "standby")} - {None}
+        removed = []
+        for c in self._mine(engine):
+            ports = (c.attrs.get("NetworkSettings", {}).get("Ports") or {}).get(f"{CONTAINER_PORT}/tcp") or []
+            urls = {f"http://127.0.0.1:{b['HostPort']}" for b in ports}
+            if not urls & keep:
+                c.remove(force=True)
+                removed.append(c.name)
+        return removed
+
+    def remove_all(self) -> list[str]:
+        """Stop and remove every container of this target (when its stack stops)."""
+        engine = docker_engine(timeout=10)
+        names = []
+        for c in self._mine(engine):
+            c.remove(force=True)
+            names.append(c.name)
+        return names
 
 
 # --------------------------------------------------------------------------------------------------- kubernetes
