@@ -14,13 +14,13 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pandas as pd
 import pytest
+from stacks import Traffic, running_stack, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -28,55 +28,13 @@ MODEL = "flights-deploy-it"
 BIN = Path(sys.executable).parent
 
 
-def _wait(what: str, check, timeout: float = 120.0, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except (httpx.HTTPError, ValueError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+_wait = wait_for
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from flywheel import processes
-    from flywheel.settings import get_settings
-    from flywheel.stack import Stack
-
-    state = tmp_path_factory.mktemp("stack")
-    env = {
-        "FLYWHEEL_STATE_DIR": str(state),
-        "FLYWHEEL_MODEL_NAME": MODEL,
-        "FLYWHEEL_DEPLOY_WATCH_SECONDS": "3",
-        "FLYWHEEL_RECONCILE_SECONDS": "3600",  # the tests run the reconciler themselves
-        **{
-            f"FLYWHEEL_{p}_PORT": str(processes.free_port())
-            for p in ("MLFLOW", "PREFECT", "SERVING", "STAGING", "BRIDGE")
-        },
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
-            mp.delenv(key, raising=False)
-        get_settings.cache_clear()
-        st = Stack(get_settings())
-        urls = st.start()
-        try:
-            yield (
-                st,
-                urls,
-                {**env, "PREFECT_API_URL": urls["prefect_api_url"], "MLFLOW_TRACKING_URI": urls["mlflow_url"]},
-            )
-        finally:
-            st.stop()
-            get_settings.cache_clear()
+    with running_stack(tmp_path_factory.mktemp("stack"), MODEL) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
@@ -199,23 +157,7 @@ def test_a_broken_version_fails_its_smoke_test_and_traffic_never_sees_it(stack, 
     sample = pd.read_parquet(tmp_path / "reference" / "holdout_sample.parquet").drop(columns=["late"])
     rows = sample.head(50).astype(object).where(sample.head(50).notna(), None).to_dict(orient="records")
 
-    statuses: list[int] = []
-    versions: set[str] = set()
-    stop = threading.Event()
-
-    def traffic():
-        with httpx.Client(timeout=30) as http:
-            i = 0
-            while not stop.is_set():
-                r = http.post(urls["model_url"] + "/invocations", json={"dataframe_records": [rows[i % len(rows)]]})
-                statuses.append(r.status_code)
-                versions.add(r.headers.get("X-Flywheel-Model-Version", "?"))
-                i += 1
-                time.sleep(0.02)
-
-    worker = threading.Thread(target=traffic, daemon=True)
-    worker.start()
-    try:
+    with Traffic(urls["model_url"], rows) as traffic:
         client.set_registered_model_alias(MODEL, "champion", v2)
         outcome = _wait(
             f"v{v2}'s deployment to fail",
@@ -223,9 +165,7 @@ def test_a_broken_version_fails_its_smoke_test_and_traffic_never_sees_it(stack, 
             timeout=180,
         )
         time.sleep(2)
-    finally:
-        stop.set()
-        worker.join(30)
+    statuses, versions = traffic.statuses, set(traffic.versions)
     assert outcome == "failed-smoke"
     reason = client.get_model_version(MODEL, v2).tags["deploy_reason"]
     assert "broken on purpose" in reason and "moved back to v1" in reason

@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
+from stacks import running_stack, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
@@ -36,18 +37,7 @@ WEBHOOK = "/webhooks/mlflow"
 
 # --------------------------------------------------------------------------------------------------- helpers
 def _wait(what: str, check, timeout: float = 180.0, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except (httpx.HTTPError, ValueError, KeyError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+    return wait_for(what, check, timeout, interval)
 
 
 def _iso(t: dt.datetime) -> str:
@@ -151,38 +141,9 @@ def signed(body: bytes, secret: str, delivery_id: str | None = None, ts: int | N
 # --------------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from flywheel import processes
-    from flywheel.settings import get_settings
-    from flywheel.stack import Stack
-
-    state = tmp_path_factory.mktemp("reliability")
-    env = {
-        "FLYWHEEL_STATE_DIR": str(state),
-        "FLYWHEEL_MODEL_NAME": MODEL,
-        "FLYWHEEL_DEPLOY_WATCH_SECONDS": "2",
-        "FLYWHEEL_RECONCILE_SECONDS": "3600",  # the tests run the reconciler themselves
-        "AWS_ACCESS_KEY_ID": FAKE_AWS_KEY_ID,
-        "AWS_SECRET_ACCESS_KEY": FAKE_AWS_SECRET,
-        **{
-            f"FLYWHEEL_{p}_PORT": str(processes.free_port())
-            for p in ("MLFLOW", "PREFECT", "SERVING", "STAGING", "BRIDGE")
-        },  # fmt: skip
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "FLYWHEEL_SERVING_TOKEN", "FLYWHEEL_ADMIN_TOKEN",
-                    "FLYWHEEL_WEBHOOK_SECRET"):  # fmt: skip
-            mp.delenv(key, raising=False)
-        get_settings.cache_clear()
-        st = Stack(get_settings())
-        urls = st.start()
-        try:
-            clients = {"PREFECT_API_URL": urls["prefect_api_url"], "MLFLOW_TRACKING_URI": urls["mlflow_url"]}
-            yield st, urls, {**env, **clients}
-        finally:
-            st.stop()
-            get_settings.cache_clear()
+    aws = {"AWS_ACCESS_KEY_ID": FAKE_AWS_KEY_ID, "AWS_SECRET_ACCESS_KEY": FAKE_AWS_SECRET}
+    with running_stack(tmp_path_factory.mktemp("reliability"), MODEL, FLYWHEEL_DEPLOY_WATCH_SECONDS="2", **aws) as st:
+        yield st
 
 
 @pytest.fixture(scope="module")

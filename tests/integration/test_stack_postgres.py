@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from stacks import running_stack, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -22,34 +22,15 @@ MODEL = "flights-pg-stack"
 BIN = Path(sys.executable).parent
 
 
-def _wait(what, check, timeout=180.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def test_stack_on_postgres_and_s3_trains_and_deploys(postgres, s3_server, upload_flights, tmp_path, monkeypatch):
+def test_stack_on_postgres_and_s3_trains_and_deploys(postgres, s3_server, upload_flights, tmp_path):
     import boto3
     from mlflow import MlflowClient
-
-    from flywheel import processes
-    from flywheel.settings import get_settings
-    from flywheel.stack import Stack
 
     postgres.create_databases(("mlflow_stack", "prefect_stack"))
     upload_flights(s3_server, "flywheel-data", "flights/2013-jan.parquet", months=(1,))
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="flywheel-stack-artifacts")
     env = {
-        "FLYWHEEL_STATE_DIR": str(tmp_path / "state"),
-        "FLYWHEEL_MODEL_NAME": MODEL,
         "FLYWHEEL_DEPLOY_WATCH_SECONDS": "2",
-        "FLYWHEEL_RECONCILE_SECONDS": "3600",
         "FLYWHEEL_MLFLOW_BACKEND_STORE_URI": postgres.url("mlflow_stack", "postgresql+psycopg2"),
         "FLYWHEEL_MLFLOW_ARTIFACTS_DESTINATION": "s3://flywheel-stack-artifacts/mlflow",
         "FLYWHEEL_PREFECT_DATABASE_URL": postgres.url("prefect_stack", "postgresql+asyncpg"),
@@ -58,19 +39,8 @@ def test_stack_on_postgres_and_s3_trains_and_deploys(postgres, s3_server, upload
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
-        **{
-            f"FLYWHEEL_{p}_PORT": str(processes.free_port())
-            for p in ("MLFLOW", "PREFECT", "SERVING", "STAGING", "BRIDGE")
-        },
     }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
-        monkeypatch.delenv(key, raising=False)
-    get_settings.cache_clear()
-    stack = Stack(get_settings())
-    try:
-        urls = stack.start()
+    with running_stack(tmp_path / "state", MODEL, **env) as (_, urls, _):
         cli_env = {**os.environ, "PREFECT_API_URL": urls["prefect_api_url"], "MLFLOW_TRACKING_URI": urls["mlflow_url"]}
         proc = subprocess.run(
             [str(BIN / "flywheel"), "train", "--data", "s3://flywheel-data/flights/2013-jan.parquet"],
@@ -79,7 +49,9 @@ def test_stack_on_postgres_and_s3_trains_and_deploys(postgres, s3_server, upload
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         client = MlflowClient(urls["mlflow_url"])
         assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
-        _wait("v1's deployment", lambda: client.get_model_version(MODEL, "1").tags.get("deploy_outcome") == "serving")
+        outcome = wait_for("v1's deployment", lambda: client.get_model_version(MODEL, "1").tags.get("deploy_outcome"),
+                           timeout=180)  # fmt: skip
+        assert outcome == "serving"
         served = httpx.get(urls["model_url"] + "/version", timeout=10).json()
         assert served["model_version"] == "1"
 
@@ -101,6 +73,3 @@ def test_stack_on_postgres_and_s3_trains_and_deploys(postgres, s3_server, upload
         ]
         assert any(k.endswith("/MLmodel") for k in keys) and any(k.endswith("holdout_sample.parquet") for k in keys)
         assert not (tmp_path / "state" / "mlflow.db").exists()  # nothing fell back to SQLite
-    finally:
-        stack.stop()
-        get_settings.cache_clear()

@@ -1,0 +1,99 @@
+"""Helpers shared by the integration tests that run a whole `flywheel up` stack (not a test module)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+PORTS = ("MLFLOW", "PREFECT", "SERVING", "STAGING", "BRIDGE")
+UNSET = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "FLYWHEEL_SERVING_TOKEN", "FLYWHEEL_ADMIN_TOKEN",
+         "FLYWHEEL_WEBHOOK_SECRET")  # fmt: skip
+
+
+def wait_for(what: str, check, timeout: float = 120.0, interval: float = 0.5):
+    """`check()`'s first truthy result; HTTP, value and key errors count as "not yet"."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+@contextlib.contextmanager
+def running_stack(state: Path, model: str, **extra_env: str) -> Iterator[tuple]:
+    """A `flywheel up` stack (MLflow, Prefect, production + staging model servers, bridge, `serve`) on free ports
+    with a private state dir; the tests run the reconciler themselves. Yields (stack, urls, env for CLIs)."""
+    from flywheel import processes
+    from flywheel.settings import get_settings
+    from flywheel.stack import Stack
+
+    env = {
+        "FLYWHEEL_STATE_DIR": str(state),
+        "FLYWHEEL_MODEL_NAME": model,
+        "FLYWHEEL_DEPLOY_WATCH_SECONDS": "3",
+        "FLYWHEEL_RECONCILE_SECONDS": "3600",
+        **{f"FLYWHEEL_{p}_PORT": str(processes.free_port()) for p in PORTS},
+        **extra_env,
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        for key in UNSET:
+            mp.delenv(key, raising=False)
+        get_settings.cache_clear()
+        st = Stack(get_settings())
+        urls = st.start()
+        try:
+            yield (
+                st,
+                urls,
+                {**env, "PREFECT_API_URL": urls["prefect_api_url"], "MLFLOW_TRACKING_URI": urls["mlflow_url"]},
+            )
+        finally:
+            st.stop()
+            get_settings.cache_clear()
+
+
+class Traffic:
+    """A client sending one-row scoring requests in a thread (`with Traffic(url, records) as t:`) for as long as
+    the block runs; what each request got: `statuses` and the serving `versions` (X-Flywheel-Model-Version)."""
+
+    def __init__(self, url: str, records: list[dict], pause: float = 0.02) -> None:
+        self.url, self.records, self.pause = url, records, pause
+        self.statuses: list[int] = []
+        self.versions: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=60) as http:
+            i = 0
+            while not self._stop.is_set():
+                r = http.post(
+                    self.url + "/invocations", json={"dataframe_records": [self.records[i % len(self.records)]]}
+                )
+                self.statuses.append(r.status_code)
+                self.versions.append(r.headers.get("X-Flywheel-Model-Version", "?"))
+                i += 1
+                time.sleep(self.pause)
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(60)
