@@ -173,6 +173,13 @@ BAD_REQUESTS = {
         dict(json={"dataframe_records": [{"hour": 5, "distance": None, "carrier": "UA", "origin": "JFK"}]}),
         400,
     ),
+    "literal NaN (JSON as mlflow serve reads it)": (
+        dict(
+            content=b'{"dataframe_records": [{"hour": 5, "distance": NaN, "carrier": "UA", "origin": "JFK"}]}',
+            headers={"Content-Type": "application/json"},
+        ),
+        400,
+    ),
     "bad csv": (dict(content=b'hour,distance\n"5,\n', headers={"Content-Type": "text/csv"}), 400),
     "split without data": (dict(json={"dataframe_split": {"columns": ["hour"]}}), 400),
 }
@@ -194,7 +201,10 @@ def test_bad_requests_are_4xx_json_naming_the_problem(served, case):
         "no content type": "Content-Type",
         "empty body": "empty",
         "model rejects nulls": "NaN",
+        "literal NaN (JSON as mlflow serve reads it)": "NaN",
     }
+    if case.startswith("literal NaN"):  # parsed (the fallback parser), then refused by the model's schema
+        assert body["error_code"] != "MALFORMED_REQUEST"
     if case in hints:
         assert hints[case] in body["message"]
 
