@@ -123,8 +123,10 @@ def smoke_test(target: serving.LocalTarget, name: str, version: str) -> serving.
     return target.smoke(records, max_error_rate=s.smoke_max_error_rate, max_p50_ms=s.smoke_max_p50_ms)
 
 
-def move_alias_back(name: str, alias: str, previous: str | None) -> str:
+def move_alias_back(name: str, alias: str, previous: str | None, version: str) -> str:
     client = registry.client()
+    if previous == version:  # it kept serving throughout: the alias is right as it is
+        return f"v{version} keeps serving as before"
     if previous:
         registry.set_alias(client, name, alias, previous)
         return f"'{alias}' moved back to v{previous}"
@@ -157,10 +159,10 @@ def deploy_model(
         logger.info("%s", why)
         if not version:
             return {"outcome": "ignored", "reason": why}
-        previous = target.active_version()
-        if previous == version:
+        if target.serves(version):
             logger.info("v%s already serves '%s' at %s: nothing to do", version, alias, target.url)
             return {"outcome": "already-serving", "version": version, "url": target.url}
+        previous = target.active_version()  # may be this very version, served another way (docker target)
 
         rec = ledger.DeploymentRecord(
             model_name=name, version=version, alias=alias, target=target.name, url=target.url,
@@ -189,7 +191,7 @@ def deploy_model(
                 f"smoke test failed: {smoke.reason} (error rate {smoke.error_rate:.1%}, p50 {smoke.p50_ms:.0f} ms)"
             )
         if rec.outcome != "pending":
-            rec.reason += "; " + move_alias_back(name, alias, previous)
+            rec.reason += "; " + move_alias_back(name, alias, previous, version)
             registry.set_version_tags(registry.client(), name, version, {"deploy_failed_reason": rec.reason[:4000]})
             ledger.record(rec)
             announce_not_deployed(rec)
@@ -207,7 +209,7 @@ def deploy_model(
             rec.outcome, rec.reason = "serving", note
         else:
             target.rollback()
-            rec.outcome, rec.reason = "rolled-back-live", note + "; " + move_alias_back(name, alias, previous)
+            rec.outcome, rec.reason = "rolled-back-live", note + "; " + move_alias_back(name, alias, previous, version)
         ledger.record(rec)
         if rec.outcome != "serving":
             announce_not_deployed(rec)

@@ -113,13 +113,15 @@ def reconcile(model_name: str | None = None) -> dict:
     for alias in WATCHED_ALIASES:
         want = registry.get_alias_version(client, name, alias)
         try:
-            have = target_for(alias).active_version()
+            target = target_for(alias)
+            have = target.active_version()
+            deployed = want is not None and target.serves(want.version)
         except TargetError as exc:
             logger.warning("cannot read what serves '%s': %s", alias, exc)
             report[alias] = {"want": want.version if want else None, "have": None, "action": "target unreachable"}
             continue
         entry = {"want": want.version if want else None, "have": have, "action": "in sync"}
-        if want is not None and want.version != have:
+        if want is not None and not deployed:
             if in_flight:
                 entry["action"] = "deployment already in flight"
             else:
@@ -129,6 +131,7 @@ def reconcile(model_name: str | None = None) -> dict:
                     payload={"name": name, "alias": alias, "version": want.version, "source": "reconciler"},
                 )
                 entry["action"] = "emitted"
-                logger.info("'%s' is v%s but v%s serves: emitted %s", alias, want.version, have, ALIAS_EVENT)
+                how = "not the way the target serves it" if have == want.version else f"v{have} serves"
+                logger.info("'%s' is v%s, %s: emitted %s", alias, want.version, how, ALIAS_EVENT)
         report[alias] = entry
     return report

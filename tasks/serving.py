@@ -62,6 +62,10 @@ class LocalTarget:
         active = self.state().get("active") or {}
         return str(active["version"]) if active.get("version") is not None else None
 
+    def serves(self, version: str) -> bool:
+        """Whether `version` serves here the way this target serves it (nothing left to deploy)."""
+        return self.active_version() == str(version)
+
     def load(self, version: str) -> dict:
         return self._call("POST", "/admin/load", json={"version": str(version)})
 
@@ -161,6 +165,21 @@ class DockerTarget(LocalTarget):
             c for c in engine.containers.list(all=True, filters={"label": f"flywheel.model={self.model_name}"})
             if c.labels.get("flywheel.role") == self.role and c.labels.get("flywheel.front") == self.url
         ]  # fmt: skip
+
+    def serves(self, version: str) -> bool:
+        """`version` is active and predicted by its container. After a model server restart the active version
+        predicts in-process: that counts as not deployed (so the reconciler deploys it into its container again),
+        unless no engine answers, when in-process is the best there is."""
+        active = self.state().get("active") or {}
+        if active.get("version") is None or str(active["version"]) != str(version):
+            return False
+        if active.get("upstream"):
+            return True
+        try:
+            docker_engine(timeout=5)
+        except TargetError:
+            return True
+        return False
 
     def load(self, version: str) -> dict:
         from flywheel.tasks.packaging import image_tag

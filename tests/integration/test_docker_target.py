@@ -238,6 +238,31 @@ def test_next_version_switches_with_zero_failed_requests_and_the_old_container_s
     assert containers(docker_client) == {"1": "running", v2: "running"}  # v1 stays up for a switch back
 
 
+def test_after_a_model_server_restart_the_reconciler_puts_the_champion_back_in_its_container(stack, client,
+                                                                                            docker_client):  # fmt: skip
+    st, urls, env = stack
+    v2 = client.get_model_version_by_alias(MODEL, "champion").version
+    st.children["model-server"].stop()
+    st.children["model-server"] = st._start_model_server("model-server", st.settings.serving_port, st._token())
+    active = _wait("the restarted server to serve the champion", lambda: admin_state(st, urls)["active"], timeout=180)
+    assert active["version"] == v2 and active["upstream"] is None  # from the registry, in-process, at once
+    proc = subprocess.run([str(BIN / "prefect"), "deployment", "run", "reconcile/every-minute", "--watch"],
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    active = _wait("the champion back in its container", lambda: admin_state(st, urls)["active"]["upstream"] and
+                   admin_state(st, urls)["active"], timeout=600, interval=2)  # fmt: skip
+    assert active["version"] == v2
+
+    def redeployed() -> dict | None:
+        row = ledger_row(urls, v2, "champion")
+        return row if row and row["previous_version"] == v2 else None
+
+    row = _wait("the redeployment's ledger row", redeployed, timeout=120)
+    assert row["outcome"] == "serving" and row["trigger"] == "event", row
+    assert containers(docker_client) == {v2: "running"}  # v1's container is used by neither slot any more
+    assert client.get_model_version_by_alias(MODEL, "champion").version == v2
+
+
 def test_stopping_the_stack_removes_its_containers(stack, docker_client):
     st, _, _ = stack
     assert containers(docker_client, "staging")  # the challenger's container, behind the staging server
