@@ -192,7 +192,8 @@ def deploy_model(
             )
         if rec.outcome != "pending":
             rec.reason += "; " + move_alias_back(name, alias, previous, version)
-            registry.set_version_tags(registry.client(), name, version, {"deploy_failed_reason": rec.reason[:4000]})
+            failed = {ledger.tag_prefix(alias) + "failed_reason": rec.reason[:4000]}
+            registry.set_version_tags(registry.client(), name, version, failed)
             ledger.record(rec)
             announce_not_deployed(rec)
             logger.error("v%s not deployed: %s", version, rec.reason)

@@ -43,24 +43,31 @@ def artifact_key(model_name: str) -> str:
     return "deployments-" + ("".join(c if c.isalnum() else "-" for c in model_name.lower()).strip("-") or "model")
 
 
+def tag_prefix(alias: str) -> str:
+    """Version tags of `champion` deployments are `deploy_*`; of other aliases `deploy_<alias>_*`, so a version's
+    staging (challenger) and production deployments do not overwrite each other's record."""
+    return "deploy_" if alias == "champion" else f"deploy_{alias}_"
+
+
 def record_in_registry(mlflow_client, rec: DeploymentRecord) -> None:
     """Version tags for this deployment, and `last_deployment` on the registered model."""
-    tags = {
-        "deploy_outcome": rec.outcome,
-        "deploy_at": rec.finished_at or rec.started_at,
-        "deploy_alias": rec.alias,
-        "deploy_target": rec.target,
-        "deploy_url": rec.url,
-        "deploy_trigger": rec.trigger,
-        "deploy_previous_version": rec.previous_version or "",
-        "deploy_image": rec.image or "none",
-        "deploy_context": rec.context or "",
+    fields = {
+        "outcome": rec.outcome,
+        "at": rec.finished_at or rec.started_at,
+        "alias": rec.alias,
+        "target": rec.target,
+        "url": rec.url,
+        "trigger": rec.trigger,
+        "previous_version": rec.previous_version or "",
+        "image": rec.image or "none",
+        "context": rec.context or "",
     }
     if rec.container:
-        tags["deploy_container"] = rec.container
+        fields["container"] = rec.container
     if rec.reason:
-        tags["deploy_reason"] = rec.reason[:4000]
-    tags["deploy_outcome"] = tags.pop("deploy_outcome")  # written last: a reader that sees it sees the rest
+        fields["reason"] = rec.reason[:4000]
+    fields["outcome"] = fields.pop("outcome")  # written last: a reader that sees it sees the rest
+    tags = {tag_prefix(rec.alias) + key: value for key, value in fields.items()}
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(rec.model_name, rec.version, key, value)
     mlflow_client.set_registered_model_tag(rec.model_name, "last_deployment", json.dumps(rec.as_dict())[:4900])
