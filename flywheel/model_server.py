@@ -225,16 +225,17 @@ class _Upstream:
         import httpx
         from mlflow.exceptions import MlflowException
 
-        if isinstance(data, pd.DataFrame):
-            payload: dict[str, Any] = {
-                "dataframe_split": json.loads(data.to_json(orient="split", date_format="iso", index=False))
-            }
+        if isinstance(data, pd.DataFrame):  # pandas writes the JSON once; no decode and re-encode on the hot path
+            split = data.to_json(orient="split", date_format="iso", index=False)
+            extra = f', "params": {json.dumps(params)}' if params else ""
+            body = f'{{"dataframe_split": {split}{extra}}}'.encode()
         else:
-            payload = {"inputs": data.tolist() if isinstance(data, np.ndarray) else data}
-        if params:
-            payload["params"] = params
+            inputs = data.tolist() if isinstance(data, np.ndarray) else data
+            body = json.dumps({"inputs": inputs, **({"params": params} if params else {})}).encode()
         try:
-            resp = self._client.post(self.url + "/invocations", json=payload)
+            resp = self._client.post(
+                self.url + "/invocations", content=body, headers={"Content-Type": "application/json"}
+            )
         except httpx.HTTPError as exc:
             raise UpstreamError(f"{self.url} did not answer: {type(exc).__name__}: {exc}") from exc
         try:

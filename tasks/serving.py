@@ -138,6 +138,12 @@ def docker_engine(timeout: float = 30.0):
     return engine
 
 
+def _container_url(container) -> str | None:
+    """The loopback URL the engine published the container's serving port on (None until it has)."""
+    binding = (container.attrs.get("NetworkSettings", {}).get("Ports") or {}).get(f"{CONTAINER_PORT}/tcp")
+    return f"http://127.0.0.1:{binding[0]['HostPort']}" if binding else None
+
+
 @dataclass
 class DockerTarget(LocalTarget):
     """`local`'s blue/green through the model server's admin API, with each version predicted by its own container.
@@ -220,9 +226,7 @@ class DockerTarget(LocalTarget):
             container.reload()
             if container.status in ("exited", "dead"):
                 raise TargetError(f"container {container.name} exited: {self._logs(container)}")
-            binding = (container.attrs.get("NetworkSettings", {}).get("Ports") or {}).get(f"{CONTAINER_PORT}/tcp")
-            if binding and url is None:
-                url = f"http://127.0.0.1:{binding[0]['HostPort']}"
+            url = url or _container_url(container)
             if url:
                 try:
                     if httpx.get(url + "/ping", timeout=3).status_code == 200:
@@ -248,9 +252,7 @@ class DockerTarget(LocalTarget):
         keep = {(st.get(slot) or {}).get("upstream") for slot in ("active", "standby")} - {None}
         removed = []
         for c in self._mine(engine):
-            ports = (c.attrs.get("NetworkSettings", {}).get("Ports") or {}).get(f"{CONTAINER_PORT}/tcp") or []
-            urls = {f"http://127.0.0.1:{b['HostPort']}" for b in ports}
-            if not urls & keep:
+            if _container_url(c) not in keep:
                 c.remove(force=True)
                 removed.append(c.name)
         return removed
