@@ -177,7 +177,7 @@ def flights_like(rows: int, months: tuple[int, ...], columns: list[str], seed: i
 def _kinds() -> dict[str, str]:
     from flywheel.tasks.drift import drift_columns
 
-    from flywheel.spec import load_spec
+    from flywheel.core.spec import load_spec
 
     spec = load_spec()
     return {c: ("categorical" if c in spec.categorical else "numerical") for c in drift_columns(spec)}

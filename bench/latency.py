@@ -47,7 +47,7 @@ def register_versions(model_name: str, count: int = 2) -> list[str]:
     from flywheel.tasks import registry, training
     from flywheel.tasks.evaluation import evaluate_model
 
-    from flywheel.spec import load_spec
+    from flywheel.core.spec import load_spec
 
     spec = load_spec()
     df = flights()
@@ -91,7 +91,7 @@ def _moves(client: Any, name: str, url: str, versions: list[str], count: int, ti
 
 def run(quick: bool, root: Path) -> BenchResult:
     from flywheel import processes
-    from flywheel.settings import Settings, get_settings
+    from flywheel.core.settings import Settings, get_settings
     from flywheel.stack import Stack
 
     res = BenchResult("latency", TITLE, quick)

@@ -82,7 +82,8 @@ def bare_train(start: str, end: str, model_name: str, tracking_uri: str) -> dict
     from flywheel.tasks.evaluation import confusion_figure, evaluate_model
     from flywheel.tasks.gate import gate
 
-    from flywheel.settings import get_settings
+    from flywheel.core.sampling import sample_rows
+    from flywheel.core.settings import get_settings
 
     settings = get_settings()
     spec = resolve_spec(None, None)
@@ -141,7 +142,7 @@ def bare_train(start: str, end: str, model_name: str, tracking_uri: str) -> dict
         X_example=parts.X_test.head(100),
         y_example=parts.y_test.head(100),
         training_frame=df[sample_cols],
-        reference_sample=data.sample_rows(df[sample_cols], settings.reference_sample_rows, settings.seed),
+        reference_sample=sample_rows(df[sample_cols], settings.reference_sample_rows, settings.seed),
         holdout_sample=parts.X_test.assign(**{spec.target: parts.y_test}).head(500),
         dataset_name=spec.name,
         dataset_source=spec.source,

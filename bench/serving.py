@@ -118,7 +118,7 @@ def register_model(model_name: str, train_rows: int) -> tuple[Any, Any]:
     from flywheel.tasks import registry, training
     from mlflow.models import infer_signature
 
-    from flywheel.spec import load_spec
+    from flywheel.core.spec import load_spec
 
     spec = load_spec()
     df = flights()

@@ -8,10 +8,10 @@ Prefect evaluates the triggers and sends the notifications itself; this module o
 
 from __future__ import annotations
 
+from flywheel.core.events import DRIFT_CHECKED_EVENT, ROLLED_BACK_EVENT
+
 BLOCK_NAME = "flywheel-alerts"
 FLOWS = ("train", "deploy-model", "rollback", "reconcile", "check-drift")
-ROLLED_BACK_EVENT = "flywheel.deployment.rolled-back"
-DRIFT_CHECKED_EVENT = "flywheel.drift.checked"
 
 
 def automation_specs() -> list[dict]:

@@ -63,6 +63,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from flywheel.core.events import ALIAS_DELETED_EVENT, ALIAS_EVENT, VERSION_CREATED_EVENT, alias_event_resource
+from flywheel.core.files import load_or_create_private, read_private, write_private
+
 if TYPE_CHECKING:  # heavy imports (mlflow ~3 s, prefect ~2 s) only where they are used
     from mlflow import MlflowClient
     from mlflow.entities.webhook import Webhook
@@ -83,9 +86,9 @@ SIGNATURE_VERSION = "v1"
 
 # MLflow event ("entity.action") → Prefect event name. The webhook subscribes to exactly these.
 EVENTS: dict[str, str] = {
-    "model_version_alias.created": "mlflow.model_version_alias.created",
-    "model_version_alias.deleted": "mlflow.model_version_alias.deleted",
-    "model_version.created": "mlflow.model_version.created",
+    "model_version_alias.created": ALIAS_EVENT,
+    "model_version_alias.deleted": ALIAS_DELETED_EVENT,
+    "model_version.created": VERSION_CREATED_EVENT,
 }
 # Fields of `data` each event must carry (MLflow sends no version when an alias is deleted).
 REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
@@ -152,63 +155,13 @@ def prefect_emit(
 
 
 # --------------------------------------------------------------------------------------------- secrets
-def _write_private(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically, owner-only (0600) from the first byte."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def _read_secret_file(path: Path) -> str | None:
-    try:
-        value = path.read_text().strip()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return value or None
-
-
 def load_or_create_secret(state_dir: Path) -> str:
     """The webhook secret in `state_dir/webhook_secret` (0600), generated once with `secrets.token_urlsafe(32)`.
 
     Safe when several processes call it at once: the file is linked into place only if absent, so all of them
     end up with the same secret.
     """
-    state_dir = Path(state_dir)
-    path = state_dir / SECRET_FILE
-    existing = _read_secret_file(path)
-    if existing:
-        if path.stat().st_mode & 0o077:
-            os.chmod(path, 0o600)
-        return existing
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = state_dir / f".{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_urlsafe(32))
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)  # atomic and never overwrites: the first writer wins
-        except FileExistsError:
-            if _read_secret_file(path) is None:  # an empty leftover file: replace it
-                os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    value = _read_secret_file(path)
-    if not value:
-        raise RuntimeError(f"could not create the webhook secret in {path}")
-    return value
+    return load_or_create_private(Path(state_dir) / SECRET_FILE, lambda: secrets.token_urlsafe(32))
 
 
 def secret_fingerprint(secret: str) -> str:
@@ -230,8 +183,8 @@ def _file_secrets(state_dir: Path, now: float | None = None) -> list[str]:
     """Secrets the state dir currently accepts: current, the one being rotated in, the previous (grace period)."""
     now = time.time() if now is None else now
     found = [
-        _read_secret_file(state_dir / SECRET_FILE),
-        _read_secret_file(state_dir / NEXT_SECRET_FILE),
+        read_private(state_dir / SECRET_FILE),
+        read_private(state_dir / NEXT_SECRET_FILE),
         _read_previous(state_dir, now),
     ]
     return [s for s in dict.fromkeys(found) if s]
@@ -254,17 +207,17 @@ def rotate_secret(
     old = load_or_create_secret(state_dir)
     new = secrets.token_urlsafe(32)
     next_path = state_dir / NEXT_SECRET_FILE
-    _write_private(next_path, new)
+    write_private(next_path, new)
     try:
         ensure_webhook(client, url, new, name=name)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             next_path.unlink()
         raise
-    _write_private(
+    write_private(
         state_dir / PREVIOUS_SECRET_FILE, json.dumps({"secret": old, "expires_at": time.time() + grace_seconds})
     )
-    _write_private(state_dir / SECRET_FILE, new)
+    write_private(state_dir / SECRET_FILE, new)
     with contextlib.suppress(FileNotFoundError):
         next_path.unlink()
     logger.info("webhook secret rotated (fingerprint %s); the old one is accepted for %.0fs",
@@ -427,14 +380,6 @@ class _BadRequest(Exception):
 
 def _error(status: int, error: str, **headers: str) -> JSONResponse:
     return JSONResponse({"status": "error", "error": error}, status_code=status, headers=headers or None)
-
-
-def alias_event_resource(name: str, alias: str | None) -> dict[str, str]:
-    """The registered model, labelled by alias when there is one (the reconciler emits the same resource)."""
-    resource = {"prefect.resource.id": f"mlflow.registered_model.{name}", "prefect.resource.name": name}
-    if alias:
-        resource["mlflow.alias"] = alias
-    return resource
 
 
 def _parse_delivery(body: bytes) -> tuple[str, dict[str, Any], str | None]:
@@ -656,7 +601,7 @@ def run_bridge(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from flywheel.settings import get_settings
+    from flywheel.core.settings import get_settings
 
     settings = get_settings()
     parser = argparse.ArgumentParser(

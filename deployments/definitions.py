@@ -19,12 +19,12 @@ import os
 
 from prefect.events import DeploymentEventTrigger
 
+from flywheel.core.events import ALIAS_EVENT, DRIFT_EVENT
+
 DEPLOYMENT_NAMES = (
     "train/cron", "train/on-drift", "deploy-model/on-alias", "rollback/manual", "reconcile/every-minute",
     "check-drift/cron",
 )  # fmt: skip
-ALIAS_EVENT = "mlflow.model_version_alias.created"
-DRIFT_EVENT = "flywheel.drift.detected"
 
 
 def alias_trigger() -> DeploymentEventTrigger:

@@ -21,10 +21,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from flywheel.settings import get_settings
-from flywheel.spec import DatasetSpec, load_spec
+from flywheel.core.events import DRIFT_CHECKED_EVENT, DRIFT_EVENT
+from flywheel.core.names import slug
+from flywheel.core.settings import get_settings
+from flywheel.core.spec import DatasetSpec, load_spec
+from flywheel.core.timeutil import to_utc
 
-DRIFT_EVENT = "flywheel.drift.detected"
 TAG_LAST_RETRAIN = "last_retrain_scheduled_event_time"
 TAG_LAST_DRIFT = "last_drift"
 
@@ -58,7 +60,7 @@ def load_current(spec: DatasetSpec, model_name: str, current_uri: str | None, st
         raise drift.DriftDataError(
             f"current data has neither the event_time column '{spec.event_time}' nor a timestamp"
         )
-    ts = data.to_utc(frame[time_col])
+    ts = to_utc(frame[time_col])
     if ts.notna().sum() == 0:
         raise drift.DriftDataError(f"current data has no readable event times in '{time_col}'")
     hi = pd.Timestamp(end, tz="UTC") if end else ts.max() + pd.Timedelta(microseconds=1)
@@ -220,7 +222,6 @@ def check_drift(
     }  # fmt: skip
     client.set_registered_model_tag(name, TAG_LAST_DRIFT, json.dumps(summary)[:4900])
     logger.info("%s", push_drift_metrics(name, result))
-    from flywheel.deployments.alerts import DRIFT_CHECKED_EVENT
 
     emit_event(  # every verdict, for alerts; the resource label lets an automation match drift only
         event=DRIFT_CHECKED_EVENT,
@@ -233,7 +234,7 @@ def check_drift(
                  "retrain": decision.retrain, "champion": champion.version},
     )  # fmt: skip
     create_markdown_artifact(
-        key=f"drift-{''.join(c if c.isalnum() else '-' for c in name.lower())}",
+        key=f"drift-{slug(name)}",
         markdown=drift.drift_markdown(result, link) + "\n\n**Retrain:** " + "; ".join(decision.reasons),
         description=f"Drift check of {name} v{champion.version}",
     )

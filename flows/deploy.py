@@ -16,7 +16,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 
-from flywheel.settings import get_settings
+from flywheel.core.events import ROLLED_BACK_EVENT, model_resource
+from flywheel.core.settings import get_settings
 
 WATCHED_ALIASES = (registry.CHAMPION, registry.CHALLENGER)
 
@@ -45,12 +46,11 @@ def ensure_lock(lock: str) -> str:
 
 def announce_not_deployed(rec: ledger.DeploymentRecord) -> None:
     """An event for alerts (deployments/alerts.py): this version did not stay deployed, and why."""
-    from flywheel.deployments.alerts import ROLLED_BACK_EVENT
     from prefect.events import emit_event
 
     emit_event(
         event=ROLLED_BACK_EVENT,
-        resource={"prefect.resource.id": f"flywheel.model.{rec.model_name}", "prefect.resource.name": rec.model_name},
+        resource=model_resource(rec.model_name),
         payload={
             "name": rec.model_name, "version": rec.version, "alias": rec.alias, "outcome": rec.outcome,
             "reason": rec.reason[:1000], "previous_version": rec.previous_version,

@@ -17,19 +17,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from flywheel.settings import get_settings
+from flywheel.core.events import ALIAS_EVENT, alias_event_resource
+from flywheel.core.settings import get_settings
 
-ALIAS_EVENT = "mlflow.model_version_alias.created"
 STAGE_SYNCED_TAG = "stage_synced_to_champion"
-
-
-def alias_event_resource(name: str, alias: str) -> dict[str, str]:
-    """The resource of an alias event (the bridge emits the same): the registered model, labelled by alias."""
-    return {
-        "prefect.resource.id": f"mlflow.registered_model.{name}",
-        "prefect.resource.name": name,
-        "mlflow.alias": alias,
-    }
 
 
 @task(name="sync-production-stage", cache_policy=NO_CACHE)

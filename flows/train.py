@@ -16,8 +16,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flywheel.settings import get_settings
-from flywheel.spec import DatasetSpec, load_spec
+from flywheel.core.names import slug
+from flywheel.core.sampling import sample_rows
+from flywheel.core.settings import get_settings
+from flywheel.core.spec import DatasetSpec, load_spec
 
 
 @dataclass
@@ -74,7 +76,7 @@ def promote(model_name: str, version: str, decision: GateDecision) -> bool:
 
 
 def _artifact_key(name: str) -> str:
-    return "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-") or "model"
+    return slug(name)
 
 
 def candidate_task_runner(n_candidates: int) -> TaskRunner:
@@ -264,7 +266,7 @@ def train(
             X_example=parts.X_test.head(100),
             y_example=parts.y_test.head(100),
             training_frame=df[sample_cols],
-            reference_sample=data.sample_rows(df[sample_cols], settings.reference_sample_rows, settings.seed),
+            reference_sample=sample_rows(df[sample_cols], settings.reference_sample_rows, settings.seed),
             holdout_sample=parts.X_test.assign(**{spec.target: parts.y_test}).head(500),
             dataset_name=spec.name,
             dataset_source=spec.source,

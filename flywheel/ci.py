@@ -217,12 +217,6 @@ def render_report(result: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- run
-def _user_errors() -> tuple[type[Exception], ...]:
-    from flywheel.cli import _user_errors as cli_user_errors
-
-    return cli_user_errors()
-
-
 def _train(**kwargs: Any) -> dict:
     """The train flow itself (a seam: unit tests replace it)."""
     from flywheel.flows.train import train as train_flow
@@ -256,7 +250,7 @@ def recorded_gate(model_name: str, version: str) -> dict:
 
 def _precheck(spec: Path | None, data: str | None, params: Path | None, settings) -> None:
     """Fail on a bad spec or params file before any server starts (as `flywheel train` does)."""
-    from flywheel.spec import load_spec
+    from flywheel.core.spec import load_spec
     from flywheel.tasks.training import load_model_specs
 
     ds = load_spec(spec or settings.spec).with_overrides(source=data or settings.data)
@@ -299,18 +293,18 @@ def run_ci(
 ) -> int:
     """Run the train flow like `flywheel train`, write the report and verdict, and return the CI exit code."""
     from flywheel import local
-    from flywheel.settings import get_settings
+    from flywheel.core.errors import UserError
+    from flywheel.core.settings import get_settings
 
     settings = get_settings()
     spec = Path(spec) if spec else None
     params = Path(params) if params else None
     report_path = Path(report_path) if report_path else local.state_dir(settings) / REPORT_NAME
-    user_errors = _user_errors()
     name = model_name or settings.model_name
 
     try:
         _precheck(spec, data, params, settings)
-    except user_errors + (ValueError,) as exc:  # ValueError: pydantic's complaint about an inconsistent spec
+    except (UserError, ValueError) as exc:  # ValueError: pydantic's complaint about an inconsistent spec
         return _error(exc, name, report_path, summary_env, echo)
 
     local.prepare_env(settings)
@@ -327,7 +321,7 @@ def run_ci(
             )
             if result.get("status") == "unchanged":
                 result = {**result, "recorded_gate": recorded_gate(result["model_name"], result["version"])}
-    except user_errors as exc:
+    except UserError as exc:
         return _error(exc, name, report_path, summary_env, echo)
     except Exception as exc:  # not the user's fault: report it, then let it propagate with its traceback
         _error(exc, name, report_path, summary_env, echo, status="crashed")

@@ -9,27 +9,18 @@ from typing import Annotated
 
 import typer
 
+from flywheel.core.errors import UserError
+
 app = typer.Typer(
     help="Flywheel: train, gate, deploy and watch tabular models with Prefect and MLflow.", no_args_is_help=True
 )
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from flywheel.processes import ServerStartError
-    from flywheel.spec import SpecError
-    from flywheel.tasks.data import DataSourceError
-    from flywheel.tasks.registry import RegistryUnavailableError
-    from flywheel.tasks.training import ModelSpecError
-    from flywheel.tasks.validation import DataValidationError
-
-    return (SpecError, DataSourceError, DataValidationError, ModelSpecError, RegistryUnavailableError, ServerStartError)
 
 
 @app.callback()
 def main() -> None:
     """Flywheel's commands; settings come from FLYWHEEL_* variables and .env."""
     from flywheel import local
-    from flywheel.settings import get_settings
+    from flywheel.core.settings import get_settings
 
     # Before anything imports Prefect: it reads PREFECT_API_URL once, at import (a running stack's, if any).
     local.prepare_env(get_settings())
@@ -67,8 +58,8 @@ def train(
     MLflow server (SQLite + local artifacts in the state dir) for the run and stops it afterwards.
     """
     from flywheel import local
-    from flywheel.settings import get_settings
-    from flywheel.spec import load_spec
+    from flywheel.core.settings import get_settings
+    from flywheel.core.spec import load_spec
     from flywheel.tasks.training import load_model_specs
 
     settings = get_settings()
@@ -80,7 +71,7 @@ def train(
             numeric=split(numeric), categorical=split(categorical), drop=split(drop), event_time=event_time,
         )  # fmt: skip
         load_model_specs(params, ds.task)
-    except _user_errors() as exc:
+    except UserError as exc:
         _fail(exc)
     except ValueError as exc:  # pydantic's complaint about an inconsistent override
         _fail(exc)
@@ -100,7 +91,7 @@ def train(
                 end=end,
                 model_name=model_name,
             )
-    except _user_errors() as exc:
+    except UserError as exc:
         _fail(exc)
     _print_train_result(result)
 
@@ -112,12 +103,12 @@ def demo(
 ) -> None:
     """The closed loop on the embedded default: start the stack, train on January–February 2013, deploy, then
     replay March–December month by month (serve → drift check → retrain → gate → deploy) and summarise."""
-    from flywheel.demo import DemoError, run_demo
-    from flywheel.settings import get_settings
+    from flywheel.core.settings import get_settings
+    from flywheel.demo import run_demo
 
     try:
         run_demo(get_settings(), months=months, keep=keep, echo=typer.echo)
-    except (DemoError, *_user_errors()) as exc:
+    except UserError as exc:
         _fail(exc)
 
 
@@ -146,8 +137,8 @@ def up() -> None:
     """Start the whole stack on 127.0.0.1 (MLflow, Prefect + UI, model servers, webhook bridge, deployments)
     as supervised child processes; Ctrl-C or SIGTERM stops everything."""
     from flywheel import local
+    from flywheel.core.settings import get_settings
     from flywheel.processes import ServerStartError
-    from flywheel.settings import get_settings
     from flywheel.stack import Stack
 
     settings = get_settings()
@@ -185,7 +176,7 @@ def status() -> None:
     import httpx
 
     from flywheel import local
-    from flywheel.settings import get_settings
+    from flywheel.core.settings import get_settings
 
     settings = get_settings()
     stack = local.running_stack(settings)
@@ -225,7 +216,7 @@ def rollback(
 ) -> None:
     """Move `champion` back to the previous good version; the alias event then deploys it."""
     from flywheel import local
-    from flywheel.settings import get_settings
+    from flywheel.core.settings import get_settings
 
     settings = get_settings()
     local.prepare_env(settings)
@@ -243,8 +234,8 @@ def rollback(
 def rotate_webhook_secret() -> None:
     """Replace the MLflow webhook's signing secret of a running stack; no delivery is lost during the switch."""
     from flywheel import local
+    from flywheel.core.settings import get_settings
     from flywheel.deployments.bridge import rotate_secret
-    from flywheel.settings import get_settings
     from flywheel.tasks import registry
 
     settings = get_settings()

@@ -19,14 +19,15 @@ from pathlib import Path
 import httpx
 import pandas as pd
 
-from flywheel.settings import Settings
+from flywheel.core.errors import UserError
+from flywheel.core.settings import Settings
 
 FIRST_TRAIN = ("2013-01-01", "2013-03-01")
 SUMMARY_JSON = "demo_summary.json"
 SUMMARY_PNG = "demo_summary.png"
 
 
-class DemoError(RuntimeError):
+class DemoError(UserError, RuntimeError):
     """The loop did not do what it should have (a run failed, serving did not follow the champion)."""
 
 
@@ -174,9 +175,9 @@ def month_bounds(first: str = "2013-03-01", last: str = "2014-01-01") -> list[tu
 
 
 def replay(loop: Loop, months: int | None = None) -> list[MonthRow]:
+    from flywheel.core.spec import load_spec
     from flywheel.flows.check_drift import check_drift
     from flywheel.flows.train import train as train_flow
-    from flywheel.spec import load_spec
     from flywheel.tasks import data
 
     s, echo = loop.s, loop.echo

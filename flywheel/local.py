@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from flywheel import processes
-from flywheel.settings import Settings
+from flywheel.core.settings import Settings
 
 STACK_FILE = "stack.json"
 

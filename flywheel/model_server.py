@@ -1546,7 +1546,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from flywheel.settings import get_settings
+    from flywheel.core.settings import get_settings
 
     args = _parser().parse_args(argv)
     s = get_settings()

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import httpx
 
+from flywheel.core.errors import UserError
+from flywheel.core.files import load_or_create_private
+
 QUIET_ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "1",
@@ -26,7 +29,7 @@ QUIET_ENV = {
 }
 
 
-class ServerStartError(RuntimeError):
+class ServerStartError(UserError, RuntimeError):
     """A server did not come up: port taken, crashed on start, or not healthy in time."""
 
 
@@ -171,15 +174,9 @@ def load_or_create_fernet_key(state_dir: Path) -> str:
     """The MLflow server's key for encrypting webhook secrets; fixed across restarts, owner-only."""
     from cryptography.fernet import Fernet
 
-    path = state_dir / "mlflow_webhook_encryption.key"
-    if path.exists():
-        return path.read_text().strip()
-    state_dir.mkdir(parents=True, exist_ok=True)
-    key = Fernet.generate_key().decode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(key)
-    return key
+    return load_or_create_private(
+        Path(state_dir) / "mlflow_webhook_encryption.key", lambda: Fernet.generate_key().decode()
+    )
 
 
 def start_mlflow(

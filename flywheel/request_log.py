@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 import warnings
@@ -28,6 +27,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from flywheel.core.names import slug
+from flywheel.core.timeutil import utc_timestamp
+
 logger = logging.getLogger("flywheel.request_log")
 
 META_COLUMNS = ("timestamp", "model_version", "request_id")
@@ -37,8 +39,7 @@ PART_GLOB = "part-*.parquet"
 
 def model_dir_name(model_name: str) -> str:
     """A directory name for a registered-model name (path separators and odd characters replaced)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", model_name).lstrip(".")
-    return safe or "_"
+    return slug(model_name, keep="._-", fill="_", lower=False, default="_")
 
 
 # --------------------------------------------------------------------------------------------------- writer
@@ -366,13 +367,6 @@ def _stringify_objects(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------------- reader
-def _to_utc(value: Any) -> pd.Timestamp | None:
-    if value is None:
-        return None
-    ts = pd.Timestamp(value)
-    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-
-
 def read_request_log(
     dir: Path | str,
     model_name: str,
@@ -384,7 +378,7 @@ def read_request_log(
     Returns an empty frame (with the metadata columns) when nothing was logged. Sorted by `timestamp`.
     Unreadable files (e.g. a disk that filled up) are skipped with a warning.
     """
-    lo, hi = _to_utc(start), _to_utc(end)
+    lo, hi = utc_timestamp(start), utc_timestamp(end)
     empty = pd.DataFrame(
         {"timestamp": pd.Series([], dtype="datetime64[ns, UTC]"), "model_version": [], "request_id": []}
     )

@@ -18,28 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flywheel import local, processes
+from flywheel.core.files import load_or_create_private
+from flywheel.core.settings import Settings
 from flywheel.processes import ManagedProcess, ServerStartError
-from flywheel.settings import Settings
 
 SECRET_FILES = ("admin_token",)
 
 
-def write_secret(path: Path, value: str) -> None:
-    """Owner-only file, created atomically with mode 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(value)
-    os.replace(tmp, path)
-
-
 def load_or_create_token(path: Path) -> str:
-    if path.is_file():
-        return path.read_text().strip()
-    token = secrets.token_urlsafe(32)
-    write_secret(path, token)
-    return token
+    """The model server's admin token in `path` (0600), generated once."""
+    return load_or_create_private(path, lambda: secrets.token_urlsafe(32))
 
 
 def pid_alive(pid: int) -> bool:

@@ -16,13 +16,15 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flywheel.spec import DatasetSpec
+from flywheel.core.errors import UserError
+from flywheel.core.spec import DatasetSpec
+from flywheel.core.timeutil import to_utc
 
 DEMO_SCHEME = "nycflights13"
 READABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 
 
-class DataSourceError(ValueError):
+class DataSourceError(UserError, ValueError):
     """The data source cannot be read: bad URI, missing file/bucket/key, unreadable content."""
 
 
@@ -169,16 +171,6 @@ def read_source(uri: str) -> pd.DataFrame:
     )
 
 
-def to_utc(series: pd.Series) -> pd.Series:
-    """Timestamps in UTC (naive ones taken as UTC); values that are not timestamps become NaT."""
-    ts = pd.to_datetime(series, utc=True, errors="coerce")
-    # pandas guesses one format from the first value: parse the values that did not fit it one by one.
-    retry = ts.isna() & series.notna()
-    if retry.any():
-        ts[retry] = pd.to_datetime(series[retry], utc=True, errors="coerce", format="mixed")
-    return ts
-
-
 def _bound(value: str) -> pd.Timestamp:
     try:
         return pd.Timestamp(value, tz="UTC")
@@ -215,13 +207,6 @@ def data_hash(df: pd.DataFrame) -> str:
     h.update(repr([(c, str(t)) for c, t in df.dtypes.items()]).encode())
     h.update(pd.util.hash_pandas_object(df, index=False).values.tobytes())
     return h.hexdigest()[:16]
-
-
-def sample_rows(df: pd.DataFrame, cap: int, seed: int) -> pd.DataFrame:
-    """At most `cap` rows, drawn without replacement with a fixed seed (all rows when under the cap)."""
-    if len(df) <= cap:
-        return df.reset_index(drop=True)
-    return df.sample(n=cap, random_state=seed).sort_index().reset_index(drop=True)
 
 
 def _retry_transient(task, task_run, state) -> bool:

@@ -31,7 +31,9 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flywheel.spec import DatasetSpec
+from flywheel.core.sampling import sample_rows
+from flywheel.core.spec import DatasetSpec
+from flywheel.core.timeutil import utc_timestamp
 
 # Dataset drift when a strict majority of the monitored columns drift. Evidently compares with `>=`, so 0.5
 # would call exactly half a dataset drift: on the flights demo Jan–Feb vs March drifts 6 of 12 columns (the
@@ -213,12 +215,6 @@ def _prepare(frame: pd.DataFrame, numerical: list[str], categorical: list[str], 
     return pd.DataFrame(out)
 
 
-def _sample(frame: pd.DataFrame, cap: int, seed: int) -> pd.DataFrame:
-    if len(frame) <= cap:
-        return frame.reset_index(drop=True)
-    return frame.sample(n=cap, random_state=seed).sort_index().reset_index(drop=True)
-
-
 def _label_config(
     reference: pd.DataFrame,
     current: pd.DataFrame,
@@ -367,8 +363,8 @@ def compute_drift(
         notes.append(f"no quality metrics: target {target!r} and prediction {prediction!r} are not in both frames")
     extra = [target, prediction] if label_kind else []
     extra = [c for c in dict.fromkeys(extra) if c not in columns]
-    ref = _prepare(_sample(reference, sample_cap, seed), numerical, cats, extra)
-    cur = _prepare(_sample(current, sample_cap, seed + 1), numerical, cats, extra)
+    ref = _prepare(sample_rows(reference, sample_cap, seed), numerical, cats, extra)
+    cur = _prepare(sample_rows(current, sample_cap, seed + 1), numerical, cats, extra)
 
     definition_kwargs: dict[str, Any] = {"numerical_columns": numerical, "categorical_columns": cats}
     presets: list[Any] = [DataDriftPreset(columns=columns, drift_share=drift_share)]
@@ -437,11 +433,6 @@ def compute_drift(
 
 
 # --------------------------------------------------------------------------------------------------- decide
-def _utc(value: Any) -> pd.Timestamp:
-    ts = pd.Timestamp(value)
-    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-
-
 def _days(delta: timedelta | pd.Timedelta) -> str:
     return f"{pd.Timedelta(delta).total_seconds() / 86400:.1f} days"
 
@@ -489,9 +480,9 @@ def should_retrain(
         blockers.append(f"too few current rows: {result.rows_current} < {min_rows}")
     if in_flight:
         blockers.append("a training run is already in flight")
-    now = _utc(now_event_time)
+    now = utc_timestamp(now_event_time)
     if last_retrain_event_time is not None:
-        last = _utc(last_retrain_event_time)
+        last = utc_timestamp(last_retrain_event_time)
         elapsed = now - last
         if elapsed < pd.Timedelta(0):
             notes.append(

@@ -10,7 +10,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from sklearn import metrics as skm
 
-from flywheel.spec import DatasetSpec
+from flywheel.core.spec import DatasetSpec
 
 # Metrics where a larger value is better; the others (rmse, mae) are better when smaller.
 HIGHER_IS_BETTER = {"accuracy", "precision", "recall", "f1", "roc_auc", "r2"}

@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from flywheel.core.names import slug
+
 LEDGER_ROWS = 200
 
 
@@ -40,7 +42,7 @@ class DeploymentRecord:
 
 
 def artifact_key(model_name: str) -> str:
-    return "deployments-" + ("".join(c if c.isalnum() else "-" for c in model_name.lower()).strip("-") or "model")
+    return "deployments-" + slug(model_name)
 
 
 def tag_prefix(alias: str) -> str:

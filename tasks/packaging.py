@@ -14,6 +14,8 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from flywheel.core.names import slug
+
 
 @dataclass
 class Package:
@@ -30,7 +32,7 @@ class Package:
 
 
 def image_tag(model_name: str, version: str) -> str:
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in model_name.lower())
+    safe = slug(model_name, keep="-_.")
     return f"flywheel/{safe}:{version}"
 
 

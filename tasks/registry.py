@@ -19,6 +19,8 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from flywheel.core.errors import UserError
+
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 PRODUCTION_STAGE = "Production"
@@ -39,7 +41,7 @@ HOLDOUT_ARTIFACT = "reference/holdout_sample.parquet"
 _SOURCE_ROOTS = ("tasks", "flows")
 
 
-class RegistryUnavailableError(RuntimeError):
+class RegistryUnavailableError(UserError, RuntimeError):
     """The MLflow tracking server cannot be reached."""
 
 

@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 import pandas as pd
 
+from flywheel.core.names import slug
+
 
 class TargetError(RuntimeError):
     """A serving target refused or failed an operation."""
@@ -159,7 +161,7 @@ class DockerTarget(LocalTarget):
     start_timeout: float = 300.0
 
     def container_name(self, version: str) -> str:
-        app = "".join(c if c.isalnum() else "-" for c in self.model_name.lower()).strip("-")
+        app = slug(self.model_name)
         return f"flywheel-{app}-{self.role}-v{version}"
 
     def labels(self, version: str) -> dict[str, str]:
@@ -283,7 +285,7 @@ def kubernetes_manifests(
     Applying the new color's Deployment first and the Service second is the switch; the other color's
     Deployment stays up for an instant switch back.
     """
-    app = "".join(c if c.isalnum() else "-" for c in model_name.lower()).strip("-")
+    app = slug(model_name)
     labels = {"app.kubernetes.io/name": app, "app.kubernetes.io/part-of": "flywheel", "flywheel/color": color}
     probe = {"httpGet": {"path": "/ping", "port": port}, "initialDelaySeconds": 5, "periodSeconds": 5}
     deployment = {

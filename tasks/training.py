@@ -29,7 +29,8 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from flywheel.spec import DatasetSpec
+from flywheel.core.errors import UserError
+from flywheel.core.spec import DatasetSpec
 
 CLASSIFICATION_METRICS = frozenset({"accuracy", "precision", "recall", "f1", "roc_auc"})
 REGRESSION_METRICS = frozenset({"rmse", "mae", "r2"})
@@ -54,7 +55,7 @@ DEFAULT_MODEL = {
 }
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(UserError, ValueError):
     """A params file or model spec names an unknown estimator or bad hyper-parameters."""
 
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pandas as pd
-from flywheel.tasks.data import to_utc
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flywheel.spec import DatasetSpec
+from flywheel.core.errors import UserError
+from flywheel.core.spec import DatasetSpec
+from flywheel.core.timeutil import to_utc
 
 
-class DataValidationError(ValueError):
+class DataValidationError(UserError, ValueError):
     """The data does not match its spec; `problems` lists every problem found, not just the first."""
 
     def __init__(self, problems: list[str]):

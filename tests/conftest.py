@@ -125,7 +125,7 @@ def model_name() -> str:
 @pytest.fixture
 def fresh_settings(monkeypatch):
     """Clear the cached settings before and after a test that changes FLYWHEEL_* variables."""
-    from flywheel.settings import get_settings
+    from flywheel.core.settings import get_settings
 
     get_settings.cache_clear()
     yield monkeypatch

@@ -296,7 +296,7 @@ def on_pg_stack(pg_stack, monkeypatch):
     from prefect.events.worker import EventsWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flywheel.settings import get_settings
+    from flywheel.core.settings import get_settings
 
     previous_uri = tracking_utils._tracking_uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", pg_stack.mlflow.url)

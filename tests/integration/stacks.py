@@ -37,7 +37,7 @@ def running_stack(state: Path, model: str, **extra_env: str) -> Iterator[tuple]:
     """A `flywheel up` stack (MLflow, Prefect, production + staging model servers, bridge, `serve`) on free ports
     with a private state dir; the tests run the reconciler themselves. Yields (stack, urls, env for CLIs)."""
     from flywheel import processes
-    from flywheel.settings import get_settings
+    from flywheel.core.settings import get_settings
     from flywheel.stack import Stack
 
     env = {

@@ -83,8 +83,8 @@ def test_three_candidates_nested_runs_best_registered_and_gated(flow_env, model_
     # the same data and split scores what its nested run logged, so the same one wins.
     from flywheel.tasks import data, evaluation
 
-    from flywheel.settings import get_settings
-    from flywheel.spec import load_spec
+    from flywheel.core.settings import get_settings
+    from flywheel.core.spec import load_spec
 
     spec = load_spec(None)
     split = training.split_dataset(data.pull_dataset(spec, *JAN), spec, seed=get_settings().seed)

@@ -34,7 +34,7 @@ def drift_env(tracking, prefect_server, fresh_settings, model_name, tmp_path):
 def _month(start: str, end: str):
     from flywheel.tasks import data
 
-    from flywheel.spec import load_spec
+    from flywheel.core.spec import load_spec
 
     spec = load_spec(None)
     return spec, data.pull_dataset(spec, start, end)

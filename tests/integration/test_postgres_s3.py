@@ -34,7 +34,7 @@ def test_train_flow_on_postgres_and_s3(on_pg_stack, model_name, upload_flights, 
     from flywheel.tasks.training import feature_frame
     from mlflow import MlflowClient
 
-    from flywheel.spec import load_spec
+    from flywheel.core.spec import load_spec
 
     stack = on_pg_stack
     record_property("pg_stack_startup_s", round(stack.startup_s, 1))

@@ -282,7 +282,9 @@ def test_model_loading_only_from_the_configured_registry(stack, client, trained)
         intruder_v = new_version(client, trained, name=INTRUDER)
     client.set_registered_model_alias(INTRUDER, "champion", intruder_v)
     # And an event for a version the registry does not have.
-    from flywheel.deployments.bridge import alias_event_resource, prefect_emit
+    from flywheel.deployments.bridge import prefect_emit
+
+    from flywheel.core.events import alias_event_resource
 
     with _prefect_env(urls):
         prefect_emit(event="mlflow.model_version_alias.created", resource=alias_event_resource(MODEL, "champion"),
@@ -538,7 +540,7 @@ def test_mlflow_killed_between_register_and_alias(stack, tmp_path, monkeypatch):
     from sklearn.datasets import load_breast_cancer
 
     from flywheel import processes
-    from flywheel.settings import get_settings
+    from flywheel.core.settings import get_settings
 
     _, urls, _ = stack
     frame = load_breast_cancer(as_frame=True).frame.rename(columns=lambda c: c.replace(" ", "_"))

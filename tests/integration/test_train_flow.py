@@ -60,7 +60,7 @@ def test_train_registers_version_with_lineage_and_aliases(flow_env, model_name):
     from flywheel.tasks.data import pull_dataset
     from flywheel.tasks.training import feature_frame
 
-    from flywheel.spec import load_spec
+    from flywheel.core.spec import load_spec
 
     spec = load_spec()
     rows = feature_frame(pull_dataset(spec, *JAN).head(20), spec)

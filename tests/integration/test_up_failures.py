@@ -51,7 +51,7 @@ def up_env(state: Path, ports: dict[str, int]) -> dict[str, str]:
 
 
 def make_settings(state: Path, ports: dict[str, int]):
-    from flywheel.settings import Settings
+    from flywheel.core.settings import Settings
 
     return Settings(
         state_dir=state,

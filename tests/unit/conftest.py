@@ -7,7 +7,7 @@ import pytest
 from flywheel.tasks import training
 from flywheel.tasks.data import load_flights
 
-from flywheel.spec import DatasetSpec, load_spec
+from flywheel.core.spec import DatasetSpec, load_spec
 
 SEED = 42
 

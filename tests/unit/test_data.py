@@ -7,9 +7,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from flywheel.tasks import data
-from flywheel.tasks.data import DataSourceError, data_hash, pull_dataset, read_source, sample_rows, window
+from flywheel.tasks.data import DataSourceError, data_hash, pull_dataset, read_source, window
 
-from flywheel.spec import DatasetSpec
+from flywheel.core.sampling import sample_rows
+from flywheel.core.spec import DatasetSpec
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from flywheel.tasks.evaluation import (
     regression_metrics,
 )
 
-from flywheel.spec import DatasetSpec
+from flywheel.core.spec import DatasetSpec
 
 
 class FixedModel:

@@ -13,7 +13,7 @@ from flywheel.tasks import registry
 from flywheel.tasks.registry import RegistryUnavailableError, check_tracking_server
 from flywheel.tasks.training import ModelSpec, build_pipeline
 
-from flywheel.spec import DatasetSpec
+from flywheel.core.spec import DatasetSpec
 
 
 def closed_port() -> int:

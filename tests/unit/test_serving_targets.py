@@ -31,7 +31,7 @@ def test_no_engine_is_a_clear_target_error_before_anything_starts(monkeypatch, t
 
 
 def test_deploy_target_setting_is_checked(monkeypatch):
-    from flywheel.settings import Settings
+    from flywheel.core.settings import Settings
 
     monkeypatch.setenv("FLYWHEEL_DEPLOY_TARGET", "dokcer")
     with pytest.raises(ValueError, match="'local', 'docker' or 'kubernetes'"):

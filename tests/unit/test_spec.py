@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from flywheel.spec import DatasetSpec, SpecError, load_spec
+from flywheel.core.spec import DatasetSpec, SpecError, load_spec
 
 
 def write(tmp_path, text: str, name: str = "spec.yaml"):

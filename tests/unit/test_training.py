@@ -31,7 +31,7 @@ from sklearn.datasets import load_diabetes
 from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
 from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge
 
-from flywheel.spec import DatasetSpec
+from flywheel.core.spec import DatasetSpec
 
 SEED = 42
 
@@ -507,7 +507,7 @@ def test_candidate_task_runner_threads_by_default_and_dask_when_configured(fresh
     assert openmp_threads_per_candidate(candidate_task_runner(1)) is None  # one at a time: no cap
     assert openmp_threads_per_candidate(ThreadPoolTaskRunner(max_workers=2)) == max(1, (os.cpu_count() or 1) // 2)
 
-    from flywheel.settings import get_settings
+    from flywheel.core.settings import get_settings
 
     fresh_settings.setenv("FLYWHEEL_DASK_ADDRESS", "tcp://127.0.0.1:8786")
     get_settings.cache_clear()

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from flywheel.tasks.validation import DataValidationError, ValidationReport, validate, validate_dataset
 
-from flywheel.spec import DatasetSpec
+from flywheel.core.spec import DatasetSpec
 
 N = 250
 

@@ -9,10 +9,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from flywheel.core.errors import UserError
+
 DEMO_SPEC = "flights.yaml"
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """The dataset spec file is missing, unreadable or inconsistent."""
 
 
