@@ -496,24 +496,16 @@ def flights() -> Any:
 
 def start_mlflow(root: Path) -> tuple[Any, float]:
     """A bench MLflow server (SQLite, local artifacts) on a free port: (process, seconds to healthy)."""
-    from flywheel import processes
+    from flywheel.stack import processes
 
-    root.mkdir(parents=True, exist_ok=True)
     with stopwatch() as t:
-        server = processes.start_mlflow(
-            host="127.0.0.1",
-            port=processes.free_port(),
-            backend_store_uri=f"sqlite:///{root / 'mlflow.db'}",
-            artifacts_destination=str(root / "artifacts"),
-            log_path=root / "mlflow.log",
-            env=processes.mlflow_server_env(root, processes.load_or_create_fernet_key(root)),
-        )
+        server = processes.start_mlflow_in(root)
     return server, t["seconds"]
 
 
 def start_prefect(root: Path) -> tuple[Any, float]:
     """A bench Prefect server on a free port, its home under `root`: (process, seconds to healthy)."""
-    from flywheel import processes
+    from flywheel.stack import processes
 
     with stopwatch() as t:
         server = processes.start_prefect(

@@ -17,12 +17,15 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from bench.common import BenchResult, flights, import_seconds, ratio, stopwatch
+
+if TYPE_CHECKING:
+    from flywheel.tasks.drift import ColumnDrift
 
 TITLE = "compute_drift vs Evidently on all rows vs bare scipy"
 DISTANCE_THRESHOLD = 0.1
@@ -40,6 +43,16 @@ class Verdict:
     dataset: bool
     methods: dict[str, str]
     scores: dict[str, float]
+
+    @classmethod
+    def of(cls, columns: list[ColumnDrift], dataset: bool) -> Verdict:
+        """From flywheel.tasks.drift's per-column results (a DriftResult's, or `parse_columns` of a snapshot)."""
+        return cls(
+            {c.column: c.drifted for c in columns},
+            dataset,
+            {c.column: c.method for c in columns},
+            {c.column: c.score for c in columns},
+        )
 
     @property
     def share(self) -> float:
@@ -123,9 +136,11 @@ def bare_drift(reference: pd.DataFrame, current: pd.DataFrame, kinds: dict[str, 
 def evidently_full(
     reference: pd.DataFrame, current: pd.DataFrame, kinds: dict[str, str], drift_share: float
 ) -> Verdict:
-    """Evidently's DataDriftPreset on every row, called directly."""
+    """Evidently's DataDriftPreset on every row, called directly; its snapshot read as compute_drift reads one."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
+
+    from flywheel.tasks.drift import parse_columns
 
     numerical = [c for c, k in kinds.items() if k == "numerical"]
     categorical = [c for c, k in kinds.items() if k == "categorical"]
@@ -137,18 +152,9 @@ def evidently_full(
             reference_data=Dataset.from_pandas(reference, data_definition=definition),
         )
         dump = snapshot.dict()
-    columns, methods, scores = {}, {}, {}
-    for metric in dump["metrics"]:
-        config = metric.get("config", {})
-        if not str(config.get("type", "")).endswith("ValueDrift"):
-            continue
-        col, method = config["column"], str(config.get("method") or "")
-        score, threshold = float(metric["value"]), float(config["threshold"])
-        is_p_value = "p_value" in method.lower()
-        columns[col] = score < threshold if is_p_value else score >= threshold
-        methods[col], scores[col] = method, score
-    share = sum(columns.values()) / len(columns)
-    return Verdict(columns, bool(share >= drift_share), methods, scores)
+    columns, _, _ = parse_columns(dump, kinds)
+    share = sum(c.drifted for c in columns) / len(columns)
+    return Verdict.of(columns, bool(share >= drift_share))
 
 
 def flywheel_drift(
@@ -158,12 +164,7 @@ def flywheel_drift(
 
     categorical = [c for c, k in kinds.items() if k == "categorical"]
     result = compute_drift(reference, current, list(kinds), drift_share=drift_share, categorical=categorical)
-    return Verdict(
-        result.verdicts(),
-        result.dataset_drift,
-        {c.column: c.method for c in result.columns},
-        {c.column: c.score for c in result.columns},
-    )
+    return Verdict.of(result.columns, result.dataset_drift)
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -175,9 +176,8 @@ def flights_like(rows: int, months: tuple[int, ...], columns: list[str], seed: i
 
 
 def _kinds() -> dict[str, str]:
-    from flywheel.tasks.drift import drift_columns
-
     from flywheel.core.spec import load_spec
+    from flywheel.tasks.drift import drift_columns
 
     spec = load_spec()
     return {c: ("categorical" if c in spec.categorical else "numerical") for c in drift_columns(spec)}

@@ -1,6 +1,6 @@
 """Latency of the loop: from `MlflowClient().set_registered_model_alias(name, "champion", v)` to the production
-model server answering with v (`GET /version`), on the embedded stack (`flywheel.stack.Stack`, started here on
-free ports as `flywheel up` would).
+model server answering with v (`GET /version`), on the embedded stack (`flywheel.stack.supervisor.Stack`, started
+here on free ports as `flywheel up` would).
 
 - webhook path: MLflow → signed webhook → bridge → Prefect event → `deploy-model/on-alias` run → blue/green swap;
 - reconciler path: the bridge stopped, the `reconcile` deployment (every FLYWHEEL_RECONCILE_SECONDS) notices the
@@ -44,10 +44,9 @@ def wait_for_version(url: str, version: str, timeout: float, poll: float = 0.05)
 def register_versions(model_name: str, count: int = 2) -> list[str]:
     """`count` versions of a small flights model, logged the way the train flow logs them (holdout sample
     included: the deploy flow's smoke test reads it)."""
+    from flywheel.core.spec import load_spec
     from flywheel.tasks import registry, training
     from flywheel.tasks.evaluation import evaluate_model
-
-    from flywheel.core.spec import load_spec
 
     spec = load_spec()
     df = flights()
@@ -90,9 +89,9 @@ def _moves(client: Any, name: str, url: str, versions: list[str], count: int, ti
 
 
 def run(quick: bool, root: Path) -> BenchResult:
-    from flywheel import processes
     from flywheel.core.settings import Settings, get_settings
-    from flywheel.stack import Stack
+    from flywheel.stack import processes
+    from flywheel.stack.supervisor import Stack
 
     res = BenchResult("latency", TITLE, quick)
     webhook_moves, reconcile_moves = (2, 1) if quick else (3, 2)

@@ -1,8 +1,8 @@
 """Orchestration: what Prefect costs on top of the same work.
 
-- the `train` flow (real Prefect server, real MLflow server) against a bare script calling the same plain task
-  functions in one process, on the flights data of the whole year (January in --quick); runs alternate
-  bare, flow, flow, bare so drift in the machine's load hits both sides alike;
+- the `train` flow (real Prefect server, real MLflow server) against a bare script running the flow's own
+  composition over the same plain task functions in one process, on the flights data of the whole year (January
+  in --quick); runs alternate bare, flow, flow, bare so drift in the machine's load hits both sides alike;
 - a cached re-run (unchanged data, params and code: nothing to train or register) against the first run;
 - per-task cost of a flow of no-op tasks (10 and 100) against a plain loop calling the same function.
 
@@ -75,101 +75,17 @@ def plain_loop(n: int) -> int:
 
 
 def bare_train(start: str, end: str, model_name: str, tracking_uri: str) -> dict:
-    """The train flow's steps as a plain script: the same functions (`task.fn`), candidates one after another in
-    this thread, no Prefect run, no artifact."""
-    from flywheel.flows.train import resolve_spec, thresholds_from_settings
-    from flywheel.tasks import data, registry, training, validation
-    from flywheel.tasks.evaluation import confusion_figure, evaluate_model
-    from flywheel.tasks.gate import gate
+    """The train flow's body as a plain script: the flow's own composition (`run_train`) over the same task
+    functions without Prefect (`TrainSteps().bare()`: each task's `.fn`, candidates one after another in this
+    thread): no Prefect run, no task runs, no artifact, and a change to the flow's steps is measured on both sides.
+    The composition reads the tracking server from MLFLOW_TRACKING_URI, as the flow does."""
+    import logging
 
-    from flywheel.core.sampling import sample_rows
-    from flywheel.core.settings import get_settings
+    from flywheel.flows.train import TrainSteps, run_train
 
-    settings = get_settings()
-    spec = resolve_spec(None, None)
-    model_specs = training.resolve_model_specs(None, None, spec.task)
-    metric = training.selection_metric(spec.task, settings.candidate_metric)
-    params_hash = training.candidate_set_hash(model_specs, metric)
-    registry.check_registry.fn(tracking_uri)
-    df = data.pull.fn(spec, start, end)
-    report = validation.validate.fn(df, spec, settings.min_rows, settings.max_null_share)
-    dhash = data.data_hash(df)
-    code_ver = registry.code_version()
-    existing = registry.find_existing.fn(model_name, dhash, params_hash, code_ver)
-    if existing is not None:
-        return {"status": "unchanged", "version": existing.version}
-    parts = training.split.fn(df, spec, settings.seed)
-    positive = training.positive_label(parts.y_test, spec)
-    run_tags = {"flywheel.model_name": model_name}
-    exp_id, parent_id = registry.open_parent_run.fn(
-        settings.experiment_name, f"{model_name}-{dhash[:8]}", run_tags, {"data_hash": dhash, "rows": report.rows}
-    )
-    mlflow_client = registry.client(tracking_uri)
-    results = []
-    for model_spec in model_specs:  # train_candidate's body, with the plain fit instead of the cached task
-        run_id = registry.start_run(
-            mlflow_client, exp_id, training.candidate_run_name(model_spec, dhash), run_tags, parent_id
-        )
-        registry.log_run_data(mlflow_client, run_id, params=registry.model_params(model_spec))
-        fitted = training.fit.fn(parts, spec, model_spec, settings.seed, dhash)
-        metrics = evaluate_model(fitted, parts.X_test, parts.y_test, spec, positive)
-        registry.log_run_data(mlflow_client, run_id, metrics={f"holdout_{k}": v for k, v in metrics.items()})
-        registry.end_run(mlflow_client, run_id, "FINISHED")
-        results.append(training.CandidateResult(model_spec.name, model_spec, metrics, run_id, {}, fitted))
-    best = training.best_candidate(results, metric)
-    model, model_spec, metrics = best.model, best.model_spec, best.metrics
-    sample_cols = [c for c in [*spec.features, spec.target, spec.event_time] if c]
-    version_tags = {
-        registry.TAG_DATA_HASH: dhash,
-        registry.TAG_PARAMS_HASH: params_hash,
-        registry.TAG_CODE_VERSION: code_ver,
-        registry.TAG_FLOW_RUN: "",
-        registry.TAG_SOURCE: spec.source,
-        registry.TAG_WINDOW: f"{start}..{end}",
-        registry.TAG_ESTIMATOR: model_spec.class_path,
-        "candidate": model_spec.name,
-        "candidates": ",".join(r.name for r in results),
-        "selection_metric": metric,
-        **{f"metric_{k}": f"{v:.6f}" for k, v in metrics.items()},
-    }
-    version = registry.log_and_register.fn(
-        model_name,
-        version_tags,
-        f"{model_spec.name} on {spec.name} [{start}, {end}), {report.rows} rows",
-        model=model,
-        model_spec=model_spec,
-        metrics=metrics,
-        X_example=parts.X_test.head(100),
-        y_example=parts.y_test.head(100),
-        training_frame=df[sample_cols],
-        reference_sample=sample_rows(df[sample_cols], settings.reference_sample_rows, settings.seed),
-        holdout_sample=parts.X_test.assign(**{spec.target: parts.y_test}).head(500),
-        dataset_name=spec.name,
-        dataset_source=spec.source,
-        target=spec.target,
-        data_hash=dhash,
-        tags={**run_tags, "flywheel.selected": "true"},
-        confusion_fig=confusion_figure(model, parts.X_test, parts.y_test),
-        experiment=settings.experiment_name,
-        run_name=training.candidate_run_name(model_spec, dhash),
-        run_id=best.run_id,
-    )
-    registry.close_run.fn(parent_id, "FINISHED", {"flywheel.registered_version": version.version})
-    decision = gate.fn(metrics, model_name, parts.X_test, parts.y_test, spec, thresholds_from_settings())
-    client = registry.client()
-    registry.set_version_tags(
-        client,
-        model_name,
-        version.version,
-        {
-            registry.TAG_GATE_PASSED: str(decision.passed).lower(),
-            registry.TAG_GATE_REASONS: registry.reasons_tag(decision.reasons),
-        },
-    )
-    registry.set_alias(client, model_name, registry.CHALLENGER, version.version)
-    if decision.passed:
-        registry.set_alias(client, model_name, registry.CHAMPION, version.version)
-    return {"status": "registered", "version": version.version, "promoted": decision.passed}
+    logger = logging.getLogger("bench.orchestration")
+    with env_vars(MLFLOW_TRACKING_URI=tracking_uri):
+        return run_train(TrainSteps().bare(), logger, start=start, end=end, model_name=model_name)
 
 
 def _settle(seconds: float = 2.0) -> None:

@@ -115,10 +115,10 @@ class Served:
 def register_model(model_name: str, train_rows: int) -> tuple[Any, Any]:
     """Train Flywheel's default pipeline on January flights and register it as version 1: (model, held-out X)."""
     import mlflow
-    from flywheel.tasks import registry, training
     from mlflow.models import infer_signature
 
     from flywheel.core.spec import load_spec
+    from flywheel.tasks import registry, training
 
     spec = load_spec()
     df = flights()
@@ -143,7 +143,7 @@ def register_model(model_name: str, train_rows: int) -> tuple[Any, Any]:
 
 
 def wait_ready(mp: Any, path: str, timeout: float = 180.0) -> None:
-    from flywheel.processes import ServerStartError
+    from flywheel.stack.processes import ServerStartError
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -159,11 +159,11 @@ def wait_ready(mp: Any, path: str, timeout: float = 180.0) -> None:
 
 
 def start_flywheel_server(served: Served, root: Path) -> None:
-    from flywheel import processes
+    from flywheel.stack import processes
 
     port = processes.free_port()
     cmd = [
-        sys.executable, "-m", "flywheel.model_server", "--model", served.model_name, "--host", "127.0.0.1",
+        sys.executable, "-m", "flywheel.serving", "--model", served.model_name, "--host", "127.0.0.1",
         "--port", str(port), "--tracking-uri", served.tracking_uri, "--initial-version", "1",
         "--request-log-dir", str(root / "request-log"), "--log-level", "warning",
     ]  # fmt: skip
@@ -176,7 +176,7 @@ def start_flywheel_server(served: Served, root: Path) -> None:
 
 
 def start_mlflow_serve(served: Served, root: Path) -> None:
-    from flywheel import processes
+    from flywheel.stack import processes
 
     port = processes.free_port()
     cmd = [

@@ -11,10 +11,13 @@ import os
 
 def main() -> None:
     os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "2")
-    from flywheel.deployments.definitions import build_deployments
     from prefect import serve
 
-    serve(*build_deployments(), limit=int(os.environ.get("FLYWHEEL_SERVE_LIMIT", "4")))
+    from flywheel.core.settings import get_settings
+    from flywheel.deployments.definitions import build_deployments
+
+    settings = get_settings()
+    serve(*build_deployments(settings), limit=settings.serve_limit)
 
 
 if __name__ == "__main__":

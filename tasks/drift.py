@@ -1,7 +1,7 @@
 """Drift: compare current data with the reference (Evidently), decide whether to retrain, and say so in markdown.
 
-The plain functions hold the logic (tests call them directly); the `@task` wrappers at the bottom add Prefect
-names. Evidently is imported inside `compute_drift` only: its import costs 7–8 s.
+Plain functions only (tests call them directly); the drift check's I/O and its tasks are in tasks/monitoring.py.
+Evidently is imported inside `compute_drift` only: its import costs 7–8 s.
 
 How Evidently 0.7.23 decides, per column (auto-selected by the *reference* row count):
 - reference ≤ 1,000 rows: K-S p-value (numeric), chi-square / Z-test p-value (categorical) — drift if the
@@ -28,8 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from flywheel.core.sampling import sample_rows
 from flywheel.core.spec import DatasetSpec
@@ -281,8 +279,9 @@ def _decay(quality: dict[str, dict[str, float]], metric: str) -> float | None:
     return worse / abs(ref)
 
 
-def _parse_columns(dump: dict, kinds: dict[str, str]) -> tuple[list[ColumnDrift], float | None, list[str]]:
-    """Per-column verdicts from `snapshot.dict()`, Evidently's own test status first, the method's direction else."""
+def parse_columns(dump: dict, kinds: dict[str, str]) -> tuple[list[ColumnDrift], float | None, list[str]]:
+    """Per-column verdicts from `snapshot.dict()`, Evidently's own test status first, the method's direction else
+    (also how bench/drift.py reads the snapshots of its unsampled Evidently runs)."""
     status = {}
     for test in dump.get("tests", []):
         metric_id = (test.get("metric_config") or {}).get("metric_id")
@@ -387,7 +386,7 @@ def compute_drift(
         dump = snapshot.dict()
 
     kinds = {c: "numerical" for c in numerical} | {c: "categorical" for c in cats}
-    per_column, evidently_share, parse_notes = _parse_columns(dump, kinds)
+    per_column, evidently_share, parse_notes = parse_columns(dump, kinds)
     notes += parse_notes
     n_drifted = sum(c.drifted for c in per_column)
     share = n_drifted / len(per_column) if per_column else 0.0
@@ -546,8 +545,3 @@ def drift_markdown(result: DriftResult, report_url: str | None, top: int = 10) -
     if report_url:
         lines += ["", f"Full Evidently report: [{report_url}]({report_url})"]
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------- tasks
-compute_drift_task = task(name="compute-drift", cache_policy=NO_CACHE)(compute_drift)
-should_retrain_task = task(name="should-retrain", cache_policy=NO_CACHE)(should_retrain)

@@ -1,12 +1,16 @@
-"""The quality gate: may a candidate replace the champion? A decision object with its reasons."""
+"""The quality gate: may a candidate replace the champion? A decision object with its reasons, and the promotion
+(aliases and the verdict on the version) it decides."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from flywheel.tasks.evaluation import HIGHER_IS_BETTER, primary_metric
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+
+from flywheel.core.names import slug
+from flywheel.core.settings import get_settings
+from flywheel.tasks.evaluation import HIGHER_IS_BETTER, primary_metric
 
 
 @dataclass(frozen=True)
@@ -122,3 +126,42 @@ def gate(candidate: dict[str, float], model_name: str, X, y, spec, thresholds: G
     if note:
         decision.reasons.append(note)
     return decision
+
+
+def thresholds_from_settings() -> GateThresholds:
+    s = get_settings()
+    return GateThresholds(s.gate_min_f1, s.gate_min_roc_auc, s.gate_max_rmse, s.gate_min_r2, s.gate_min_uplift)
+
+
+def promote_version(model_name: str, version: str, decision: GateDecision) -> bool:
+    """Record the gate's verdict on the version, then move aliases: `challenger` always, `champion` if passed."""
+    from flywheel.tasks import registry
+
+    mlflow_client = registry.client()
+    registry.set_version_tags(
+        mlflow_client,
+        model_name,
+        version,
+        {
+            registry.TAG_GATE_PASSED: str(decision.passed).lower(),
+            registry.TAG_GATE_REASONS: registry.reasons_tag(decision.reasons),
+        },
+    )
+    registry.set_alias(mlflow_client, model_name, registry.CHALLENGER, version)
+    if decision.passed:
+        registry.set_alias(mlflow_client, model_name, registry.CHAMPION, version)
+    return decision.passed
+
+
+@task(name="promote", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 5, 10])
+def promote(model_name: str, version: str, decision: GateDecision) -> bool:
+    """`promote_version`, and the verdict as a Prefect markdown artifact of the run."""
+    from prefect.artifacts import create_markdown_artifact
+
+    passed = promote_version(model_name, version, decision)
+    create_markdown_artifact(
+        key=f"gate-{slug(model_name)}",
+        markdown=decision.markdown(model_name, version),
+        description=f"Promotion gate for {model_name} v{version}",
+    )
+    return passed

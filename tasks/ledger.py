@@ -10,8 +10,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flywheel.core.names import slug
+from flywheel.tasks import locks
 
 LEDGER_ROWS = 200
+LEDGER_LOCK_TIMEOUT = 300  # seconds; a write holds the lock for one read and one write
 
 
 def now_iso() -> str:
@@ -94,14 +96,33 @@ def _key_filter(key: str):
 
 
 def record_in_prefect(rec: DeploymentRecord) -> None:
-    """Append the record to the model's deployment table artifact (newest first, capped)."""
+    """Append the record to the model's deployment table artifact (newest first, capped).
+
+    A Prefect artifact is written whole, so appending is read-modify-write; the champion and the challenger
+    deployments of a model run at the same time under different deployment locks, and without a lock of their
+    own the later writer would drop the other's row. One writer at a time, through the model's ledger lock.
+    """
     from prefect.artifacts import create_table_artifact
     from prefect.utilities.asyncutils import run_coro_as_sync
 
     key = artifact_key(rec.model_name)
     row = {k: v for k, v in rec.as_dict().items() if k not in ("model_name",)}
-    rows = [row, *run_coro_as_sync(_previous_rows(key))][:LEDGER_ROWS]
-    create_table_artifact(key=key, table=rows, description=f"Deployments of {rec.model_name}, newest first")
+    with locks.held(locks.ledger_lock(rec.model_name), timeout_seconds=LEDGER_LOCK_TIMEOUT):
+        rows = [row, *run_coro_as_sync(_previous_rows(key))][:LEDGER_ROWS]
+        create_table_artifact(key=key, table=rows, description=f"Deployments of {rec.model_name}, newest first")
+
+
+def publish(rec: DeploymentRecord) -> None:
+    """The deployment's own markdown artifact (`deploy-<model>`): its record, as the flow run's result."""
+    import yaml
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(
+        key=f"deploy-{slug(rec.model_name)}",
+        markdown=f"# {rec.model_name} v{rec.version} → {rec.alias}: {rec.outcome}\n\n```yaml\n"
+        f"{yaml.safe_dump(rec.as_dict())}```",
+        description=f"Deployment of {rec.model_name} v{rec.version}",
+    )
 
 
 @task(name="record-deployment", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[1, 3, 5])

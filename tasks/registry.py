@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -364,3 +366,26 @@ def close_run(run_id: str, status: str = "FINISHED", tags: dict[str, Any] | None
     if tags:
         log_run_data(mlflow_client, run_id, tags=tags)
     end_run(mlflow_client, run_id, status)
+
+
+@contextmanager
+def parent_run(
+    experiment: str,
+    run_name: str,
+    tags: dict[str, str],
+    params: dict[str, Any],
+    *,
+    opener: Callable[..., tuple[str, str]] = open_parent_run,
+    closer: Callable[..., None] = close_run,
+) -> Iterator[tuple[str, str, dict[str, str]]]:
+    """The flow's parent MLflow run: (experiment id, run id, tags to set when it closes); it ends FAILED if the
+    block raises, else FINISHED. Opened and closed by the tasks above, or by the callables given (their `.fn`
+    outside Prefect)."""
+    experiment_id, run_id = opener(experiment, run_name, tags, params)
+    on_close: dict[str, str] = {}
+    try:
+        yield experiment_id, run_id, on_close
+    except BaseException:
+        closer(run_id, "FAILED", on_close)
+        raise
+    closer(run_id, "FINISHED", on_close)

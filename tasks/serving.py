@@ -1,6 +1,6 @@
 """Serving targets: where a registered version goes to serve traffic.
 
-- `local` (embedded default): Flywheel's model server process (flywheel.model_server) at a stable URL. It keeps
+- `local` (embedded default): Flywheel's model server process (flywheel.serving) at a stable URL. It keeps
   two slots in one process; the new version is loaded beside the old one, smoke-tested, then swapped in.
 - `docker`: one container per version, from the image packaging built (`flywheel/<model>:<version>`, MLflow's
   serving image), published on a loopback port; the model server stays the stable URL in front and forwards the
@@ -337,13 +337,6 @@ def kubectl_context() -> str | None:
         return None
     out = subprocess.run(["kubectl", "config", "current-context"], capture_output=True, text=True, timeout=10)
     return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def apply_manifests(path: str) -> str:
-    out = subprocess.run(["kubectl", "apply", "-f", path], capture_output=True, text=True, timeout=120)
-    if out.returncode != 0:
-        raise TargetError(f"kubectl apply failed: {out.stderr.strip()}")
-    return out.stdout
 
 
 def render_kubernetes(

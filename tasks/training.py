@@ -1,4 +1,6 @@
-"""Training: model specs (estimator + hyper-parameters), features, the holdout split and the sklearn pipeline."""
+"""Training: model specs (estimator + hyper-parameters), features, the holdout split and the sklearn pipeline.
+
+Candidates competing on a task runner are in `candidates`; the plan and result of one training run in `training_run`."""
 
 from __future__ import annotations
 
@@ -6,19 +8,14 @@ import hashlib
 import importlib
 import inspect
 import json
-import os
-import socket
-import threading
 from collections.abc import Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import yaml
-from flywheel.tasks.evaluation import HIGHER_IS_BETTER, evaluate_model, primary_metric
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, ValidationError
@@ -31,6 +28,7 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from flywheel.core.errors import UserError
 from flywheel.core.spec import DatasetSpec
+from flywheel.tasks.evaluation import primary_metric
 
 CLASSIFICATION_METRICS = frozenset({"accuracy", "precision", "recall", "f1", "roc_auc"})
 REGRESSION_METRICS = frozenset({"rmse", "mae", "r2"})
@@ -256,121 +254,3 @@ def split(df: pd.DataFrame, spec: DatasetSpec, seed: int = 42) -> Split:
 @task(name="train-model", cache_key_fn=_fit_cache_key, cache_expiration=timedelta(days=7), persist_result=True)
 def fit(split: Split, spec: DatasetSpec, model: ModelSpec, seed: int, data_key: str) -> Pipeline:
     return train_model(split, spec, model, seed)
-
-
-# --------------------------------------------------------------------------------------------------- candidates
-@dataclass
-class CandidateResult:
-    """One trained-and-evaluated candidate: its nested MLflow run, where it ran, and the fitted model."""
-
-    name: str
-    model_spec: ModelSpec
-    metrics: dict[str, float]
-    run_id: str | None
-    worker: dict[str, str] = field(default_factory=dict)
-    model: Any = None
-    error: str | None = None
-
-    def summary(self) -> dict[str, Any]:
-        """What the flow's result and logs say about the candidate (no model object)."""
-        return {
-            "name": self.name,
-            "estimator": self.model_spec.class_path,
-            "params_hash": self.model_spec.params_hash(),
-            "metrics": self.metrics,
-            "run_id": self.run_id,
-            "worker": self.worker,
-            "error": self.error,
-        }
-
-
-def best_candidate(results: Sequence[CandidateResult], metric: str) -> CandidateResult:
-    """The candidate with the best holdout `metric` (higher or lower is better by metric); on a tie, the one
-    listed first. Failed candidates and those without the metric never win; if none can, ModelSpecError."""
-    higher = metric in HIGHER_IS_BETTER
-    ranked = [
-        (i, r) for i, r in enumerate(results)
-        if r.error is None and isinstance(r.metrics.get(metric), int | float) and r.metrics[metric] == r.metrics[metric]
-    ]  # fmt: skip
-    if not ranked:
-        problems = "; ".join(f"{r.name}: {r.error or f'no {metric}'}" for r in results) or "no candidates"
-        raise ModelSpecError(f"no candidate can be selected on '{metric}' ({problems})")
-    _, best = max(ranked, key=lambda ir: (ir[1].metrics[metric] if higher else -ir[1].metrics[metric], -ir[0]))
-    return best
-
-
-def worker_identity() -> dict[str, str]:
-    """Where this code runs: host, process, thread and, on a Dask worker, the worker's address."""
-    ident = {"host": socket.gethostname(), "pid": str(os.getpid()), "thread": threading.current_thread().name}
-    try:
-        from distributed import get_worker
-
-        ident["dask_worker"] = get_worker().address
-    except (ImportError, ValueError):
-        pass
-    return ident
-
-
-def openmp_limit(threads: int | None):
-    """Cap the OpenMP threads of the calling thread only (libgomp keeps the limit per thread); None: no cap.
-
-    Candidates training side by side on threads would each start one OpenMP thread per core; on 2 cores that
-    oversubscription made HistGradientBoosting 2-3x slower (January flights: 29-35 s vs 12-18 s for all three).
-    """
-    if not threads:
-        return nullcontext()
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=threads, user_api="openmp")
-
-
-def candidate_run_name(model: ModelSpec, data_key: str) -> str:
-    return f"{model.name}-{data_key[:8]}"
-
-
-@dataclass(frozen=True)
-class CandidateTracking:
-    """Where a candidate logs its nested run; passed explicitly so a Dask worker needs no MLflow environment."""
-
-    tracking_uri: str | None
-    experiment_id: str
-    parent_run_id: str
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-@task(name="train-candidate", cache_policy=NO_CACHE, task_run_name="train-candidate-{model.name}")
-def train_candidate(
-    model: ModelSpec,
-    split: Split,
-    spec: DatasetSpec,
-    seed: int,
-    data_key: str,
-    positive: Any,
-    tracking: CandidateTracking,
-    openmp_threads: int | None = None,
-) -> CandidateResult:
-    """Fit (through the cached `train-model` task) and evaluate one candidate in its own MLflow run, nested under
-    the flow's parent run: params, holdout metrics and the worker it ran on (tags `flywheel.worker.*`).
-
-    Runs on the flow's candidate task runner (threads, or a Dask worker), so all it needs comes in as arguments.
-    `openmp_threads` caps this thread's OpenMP pool (HistGradientBoosting) while candidates share the cores.
-    """
-    from flywheel.tasks import registry
-
-    mlflow_client = registry.client(tracking.tracking_uri)
-    worker = worker_identity()
-    tags = {**tracking.tags, "flywheel.candidate": model.name, **{f"flywheel.worker.{k}": v for k, v in worker.items()}}
-    run_id = registry.start_run(
-        mlflow_client, tracking.experiment_id, candidate_run_name(model, data_key), tags, tracking.parent_run_id
-    )
-    try:
-        registry.log_run_data(mlflow_client, run_id, params=registry.model_params(model))
-        with openmp_limit(openmp_threads):
-            fitted = fit(split, spec, model, seed, data_key)
-            metrics = evaluate_model(fitted, split.X_test, split.y_test, spec, positive)
-        registry.log_run_data(mlflow_client, run_id, metrics={f"holdout_{k}": v for k, v in metrics.items()})
-    except BaseException:
-        registry.end_run(mlflow_client, run_id, "FAILED")
-        raise
-    registry.end_run(mlflow_client, run_id, "FINISHED")
-    return CandidateResult(model.name, model, metrics, run_id, worker, fitted)

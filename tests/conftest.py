@@ -43,18 +43,9 @@ def session_dir() -> Path:
 @pytest.fixture(scope="session")
 def mlflow_server(session_dir):
     """A real `mlflow server` (SQLite backend, local artifacts, webhooks to loopback allowed)."""
-    from flywheel import processes
+    from flywheel.stack import processes
 
-    root = session_dir / "mlflow"
-    root.mkdir(parents=True, exist_ok=True)
-    server = processes.start_mlflow(
-        host="127.0.0.1",
-        port=processes.free_port(),
-        backend_store_uri=f"sqlite:///{root / 'mlflow.db'}",
-        artifacts_destination=str(root / "artifacts"),
-        log_path=root / "mlflow.log",
-        env=processes.mlflow_server_env(root, processes.load_or_create_fernet_key(root)),
-    )
+    server = processes.start_mlflow_in(session_dir / "mlflow")
     yield server
     server.stop()
 
@@ -62,7 +53,7 @@ def mlflow_server(session_dir):
 @pytest.fixture(scope="session")
 def prefect_server(session_dir):
     """A real `prefect server start`; the session's Prefect client talks to it through PREFECT_API_URL."""
-    from flywheel import processes
+    from flywheel.stack import processes
 
     root = session_dir / "prefect-server"
     server = processes.start_prefect(
@@ -84,7 +75,7 @@ def s3_server():
     """moto's S3 server on 127.0.0.1, reached by boto3 through AWS_ENDPOINT_URL_S3."""
     from moto.server import ThreadedMotoServer
 
-    from flywheel import processes
+    from flywheel.stack import processes
 
     port = processes.free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

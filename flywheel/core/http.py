@@ -27,10 +27,9 @@ async def read_body_capped(headers: Mapping[str, str], stream: AsyncIterator[byt
     Starlette's `request.body()` reads everything first, so a flood would sit in memory before the check."""
     length = headers.get("content-length")
     if length is not None:
-        try:
-            declared = int(length)
-        except ValueError:
-            raise BadContentLength(f"invalid Content-Length header: {length!r}") from None
+        if not (length.isascii() and length.isdigit()):  # RFC 9110: 1*DIGIT (int() would take "-1", " 5", "1_0")
+            raise BadContentLength(f"invalid Content-Length header: {length!r}")
+        declared = int(length)
         if declared > limit:
             raise BodyTooLarge(limit, declared, declared=True)
     chunks, size = [], 0

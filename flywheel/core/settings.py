@@ -33,9 +33,9 @@ class Settings(BaseSettings):
     gate_min_uplift: float = 0.005
 
     # Validation.
-    min_rows: int = 200
-    max_null_share: float = 0.30
-    reference_sample_rows: int = 20_000
+    min_rows: int = Field(200, description="Fewest labelled rows a training table may have.")
+    max_null_share: float = Field(0.30, description="Largest share of missing values a feature column may have.")
+    reference_sample_rows: int = Field(20_000, description="Rows of the training data kept as the drift reference.")
     seed: int = 42
 
     # Competing candidates (a params file with `candidates:`): how the winner is picked and where they train.
@@ -73,13 +73,19 @@ class Settings(BaseSettings):
     build_images: bool = Field(True, description="Build a Docker image when an engine is reachable.")
     kubernetes_namespace: str = "flywheel"
 
+    # Schedules of the Prefect deployments (deployments/definitions.py) and how many runs `serve` executes at once.
+    train_cron: str = Field("0 3 * * *", description="Cron of train/cron.")
+    drift_cron: str = Field("0 * * * *", description="Cron of check-drift/cron.")
+    reconcile_seconds: float = Field(60.0, description="Interval of reconcile/every-minute, in seconds.")
+    serve_limit: int = Field(4, description="Flow runs `python -m flywheel.deployments.serve` executes at once.")
+
     # Drift checks and the retraining they schedule (windows and cooldown in the data's own event time).
     drift_share: float = Field(0.55, description="Share of drifted columns that counts as dataset drift.")
     drift_sample_cap: int = Field(50_000, ge=5_000, description="Rows per side the drift check samples down to.")
-    drift_min_rows: int = 500
-    drift_window_days: float = 30.0
-    retrain_cooldown_days: float = 30.0
-    retrain_window_days: float = 90.0
+    drift_min_rows: int = Field(500, description="Fewest served rows a drift check judges; fewer: no verdict.")
+    drift_window_days: float = Field(30.0, description="Days of served data (event time) one drift check reads.")
+    retrain_cooldown_days: float = Field(30.0, description="Days after a scheduled retraining before the next one.")
+    retrain_window_days: float = Field(90.0, description="Days of data (event time) a drift-triggered retraining uses.")
 
     request_log_uri: str | None = Field(
         None, description="Where the model server records scored rows: s3://bucket/prefix (default: the state dir)."
@@ -105,6 +111,12 @@ class Settings(BaseSettings):
     @property
     def staging_url(self) -> str:
         return f"http://{self.host}:{self.staging_port}"
+
+    def request_log_dir(self, role: str) -> Path | str:
+        """Where the `role` model server (production, staging) records what it scores: below `request_log_uri`,
+        else in the state dir."""
+        uri = self.request_log_uri
+        return f"{uri.rstrip('/')}/{role}" if uri else self.state_path / "serving" / role
 
     def secret(self, name: str) -> str | None:
         """A secret from its FLYWHEEL_* variable, else from the owner-only file `flywheel up` keeps in the state dir."""

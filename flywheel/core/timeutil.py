@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pandas as pd
@@ -23,3 +24,8 @@ def to_utc(series: pd.Series) -> pd.Series:
     if retry.any():
         ts[retry] = pd.to_datetime(series[retry], utc=True, errors="coerce", format="mixed")
     return ts
+
+
+def epoch_iso(ts: float | None) -> str | None:
+    """A Unix time as an ISO-8601 string in UTC; None stays None."""
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()

@@ -1,8 +1,9 @@
 """Register the bridge with the MLflow server (one-shot job of the scale-out stack).
 
-The embedded stack does this in `flywheel up` (flywheel/stack.py); in infra/ the bridge runs in its own container,
-so this job calls the same `ensure_webhook` — idempotent: one ACTIVE webhook named `flywheel-bridge`, updated in
-place when the URL or the secret changed. The secret is FLYWHEEL_WEBHOOK_SECRET, the one the bridge verifies with.
+The embedded stack does this in `flywheel up` (flywheel/stack/supervisor.py); in infra/ the bridge runs in its own
+container, so this job calls the same `ensure_webhook` — idempotent: one ACTIVE webhook named `flywheel-bridge`,
+updated in place when the URL or the secret changed. The secret is FLYWHEEL_WEBHOOK_SECRET, the one the bridge
+verifies with.
 
     MLFLOW_TRACKING_URI=http://mlflow:5000 FLYWHEEL_BRIDGE_URL=http://bridge:5055 \
     FLYWHEEL_WEBHOOK_SECRET=... python infra/bridge/register_webhook.py
@@ -16,7 +17,7 @@ import time
 
 
 def main() -> int:
-    from flywheel.deployments.bridge import WEBHOOK_PATH, ensure_webhook
+    from flywheel.bridge.webhooks import WEBHOOK_PATH, ensure_webhook
     from flywheel.tasks import registry
 
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")

@@ -21,7 +21,7 @@ BIN = Path(sys.executable).parent
 
 
 def test_demo_closes_the_loop(tmp_path):
-    from flywheel.processes import free_port
+    from flywheel.stack.processes import free_port
 
     state = tmp_path / "state"
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_HOME")}

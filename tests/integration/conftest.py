@@ -170,7 +170,7 @@ class PostgresCluster:
 @pytest.fixture(scope="session")
 def postgres():
     """A throwaway PostgreSQL cluster (databases `mlflow` and `prefect`) from this machine's own binaries."""
-    from flywheel import processes
+    from flywheel.stack import processes
 
     bindir = find_pg_bindir()
     if bindir is None:
@@ -224,7 +224,7 @@ def pg_stack(postgres, s3_server, session_dir):
     """MLflow on PostgreSQL with S3 artifacts on moto, and Prefect on PostgreSQL, started side by side."""
     import boto3
 
-    from flywheel import processes
+    from flywheel.stack import processes
 
     root = session_dir / "pg-stack"
     root.mkdir(parents=True, exist_ok=True)
@@ -319,6 +319,7 @@ def upload_flights():
 
     def upload(s3_endpoint: str, bucket: str, key: str, months: tuple[int, ...] = (1, 2)) -> int:
         import boto3
+
         from flywheel.tasks.data import load_flights
 
         flights = load_flights()

@@ -1,8 +1,10 @@
-"""Helpers shared by the integration tests that run a whole `flywheel up` stack (not a test module)."""
+"""Helpers shared by the integration tests (not a test module): a whole `flywheel up` stack, waiting for a
+condition, traffic, stopping a child process a test started."""
 
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -32,13 +34,23 @@ def wait_for(what: str, check, timeout: float = 120.0, interval: float = 0.5):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
+def stop_process(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM to a child the test started; SIGKILL when it has not exited after `timeout` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 @contextlib.contextmanager
 def running_stack(state: Path, model: str, **extra_env: str) -> Iterator[tuple]:
     """A `flywheel up` stack (MLflow, Prefect, production + staging model servers, bridge, `serve`) on free ports
     with a private state dir; the tests run the reconciler themselves. Yields (stack, urls, env for CLIs)."""
-    from flywheel import processes
     from flywheel.core.settings import get_settings
-    from flywheel.stack import Stack
+    from flywheel.stack import processes
+    from flywheel.stack.supervisor import Stack
 
     env = {
         "FLYWHEEL_STATE_DIR": str(state),

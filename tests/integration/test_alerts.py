@@ -49,11 +49,11 @@ def _wait_for(got: list[dict], needle: str, timeout: float = 90) -> dict:
 
 
 def test_failed_run_rollback_and_drift_are_notified(prefect_server, receiver):
-    from flywheel.deployments.alerts import ensure_alerts
     from prefect import flow
     from prefect.events import emit_event
 
     from flywheel.core.events import DRIFT_CHECKED_EVENT, ROLLED_BACK_EVENT
+    from flywheel.deployments.alerts import ensure_alerts
 
     url, got = receiver
     names = ensure_alerts(url)

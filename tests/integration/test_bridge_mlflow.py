@@ -18,7 +18,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from flywheel.deployments import bridge
+from stacks import stop_process
+
+from flywheel.bridge.app import create_bridge_app
+from flywheel.bridge.secrets import load_or_create_secret, rotate_secret
+from flywheel.bridge.webhooks import EVENTS, WEBHOOK_PATH, all_webhooks, ensure_webhook
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +74,7 @@ class ThreadedBridge:
 
 
 def _webhook_cache_ttl() -> float:
-    from flywheel import processes
+    from flywheel.stack import processes
 
     return float(processes.mlflow_server_env(Path("."), None).get("MLFLOW_WEBHOOK_CACHE_TTL", 60))
 
@@ -104,7 +108,7 @@ def webhook_cleanup(tracking):
     names: list[str] = []
     yield names
     client = MlflowClient(tracking)
-    for hook in bridge.all_webhooks(client):
+    for hook in all_webhooks(client):
         if hook.name in names:
             client.delete_webhook(hook.webhook_id)
 
@@ -112,22 +116,22 @@ def webhook_cleanup(tracking):
 def test_alias_set_in_mlflow_becomes_one_prefect_event(tracking, model_name, tmp_path, webhook_cleanup):
     from mlflow import MlflowClient
 
-    from flywheel import processes
+    from flywheel.stack import processes
 
     client = MlflowClient(tracking)
     state = tmp_path / "state"
-    secret = bridge.load_or_create_secret(state)
+    secret = load_or_create_secret(state)
     emit = Recorder()
     hook_name = f"flywheel-bridge-{uuid.uuid4().hex[:8]}"
     webhook_cleanup.append(hook_name)
 
-    with ThreadedBridge(bridge.create_bridge_app(secret, state, emit=emit), processes.free_port()) as srv:
-        url = srv.url + bridge.WEBHOOK_PATH
-        first = bridge.ensure_webhook(client, url, secret, name=hook_name)
-        second = bridge.ensure_webhook(client, url, secret, name=hook_name)
-        mine = [h for h in bridge.all_webhooks(client) if h.name == hook_name]
+    with ThreadedBridge(create_bridge_app(secret, state, emit=emit), processes.free_port()) as srv:
+        url = srv.url + WEBHOOK_PATH
+        first = ensure_webhook(client, url, secret, name=hook_name)
+        second = ensure_webhook(client, url, secret, name=hook_name)
+        mine = [h for h in all_webhooks(client) if h.name == hook_name]
         assert len(mine) == 1 and first.webhook_id == second.webhook_id == mine[0].webhook_id
-        assert {str(e) for e in mine[0].events} == set(bridge.EVENTS)
+        assert {str(e) for e in mine[0].events} == set(EVENTS)
         assert second.last_updated_timestamp == first.last_updated_timestamp, "an unchanged webhook is not updated"
         time.sleep(_webhook_cache_ttl() + 0.5)  # the server's cached (empty) webhook list expires
 
@@ -146,11 +150,11 @@ def test_alias_set_in_mlflow_becomes_one_prefect_event(tracking, model_name, tmp
         assert [c["event"] for c in emit.calls].count("mlflow.model_version_alias.created") == 1
 
         # Rotation: MLflow is updated, then the file; the running bridge accepts the new secret at once.
-        new_secret = bridge.rotate_secret(state, client, url, name=hook_name)
+        new_secret = rotate_secret(state, client, url, name=hook_name)
         assert new_secret != secret and (state / "webhook_secret").read_text() == new_secret
-        assert len([h for h in bridge.all_webhooks(client) if h.name == hook_name]) == 1
+        assert len([h for h in all_webhooks(client) if h.name == hook_name]) == 1
         # ensure_webhook with the new secret is a no-op (its fingerprint is already registered).
-        again = bridge.ensure_webhook(client, url, new_secret, name=hook_name)
+        again = ensure_webhook(client, url, new_secret, name=hook_name)
         assert again.webhook_id == first.webhook_id
         time.sleep(_webhook_cache_ttl() + 0.5)
         client.delete_registered_model_alias(model_name, "champion")
@@ -166,10 +170,10 @@ def _prefect_events(api_url: str, event_id: str) -> list[dict]:
 
 
 def test_bridge_cli_hands_event_to_real_prefect(tracking, prefect_server, model_name, tmp_path, webhook_cleanup):
-    """`python -m flywheel.deployments.bridge` with the default emitter: MLflow → bridge → Prefect's event store."""
+    """`python -m flywheel.bridge` with the default emitter: MLflow → bridge → Prefect's event store."""
     from mlflow import MlflowClient
 
-    from flywheel import processes
+    from flywheel.stack import processes
 
     api_url = prefect_server.url + "/api"
     state = tmp_path / "state"
@@ -179,7 +183,7 @@ def test_bridge_cli_hands_event_to_real_prefect(tracking, prefect_server, model_
     env.pop("FLYWHEEL_WEBHOOK_SECRET", None)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "flywheel.deployments.bridge", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "flywheel.bridge", "--host", "127.0.0.1", "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
     try:
@@ -196,10 +200,10 @@ def test_bridge_cli_hands_event_to_real_prefect(tracking, prefect_server, model_
             time.sleep(0.2)
 
         client = MlflowClient(tracking)
-        secret = bridge.load_or_create_secret(state)  # created by the bridge process
+        secret = load_or_create_secret(state)  # created by the bridge process
         hook_name = f"flywheel-bridge-{uuid.uuid4().hex[:8]}"
         webhook_cleanup.append(hook_name)
-        bridge.ensure_webhook(client, url + bridge.WEBHOOK_PATH, secret, name=hook_name)
+        ensure_webhook(client, url + WEBHOOK_PATH, secret, name=hook_name)
         time.sleep(_webhook_cache_ttl() + 0.5)
 
         version = _register_version(model_name)
@@ -229,9 +233,4 @@ def test_bridge_cli_hands_event_to_real_prefect(tracking, prefect_server, model_
         log_text = log_path.read_text()
         assert secret not in log_text
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc, 10)

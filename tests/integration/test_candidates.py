@@ -81,10 +81,9 @@ def test_three_candidates_nested_runs_best_registered_and_gated(flow_env, model_
 
     # In parallel or one by one, the same models (seeded): each candidate trained alone with the plain functions on
     # the same data and split scores what its nested run logged, so the same one wins.
-    from flywheel.tasks import data, evaluation
-
     from flywheel.core.settings import get_settings
     from flywheel.core.spec import load_spec
+    from flywheel.tasks import data, evaluation
 
     spec = load_spec(None)
     split = training.split_dataset(data.pull_dataset(spec, *JAN), spec, seed=get_settings().seed)

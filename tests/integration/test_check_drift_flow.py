@@ -22,8 +22,9 @@ JAN_FEB = ("2013-01-01", "2013-03-01")
 
 @pytest.fixture
 def drift_env(tracking, prefect_server, fresh_settings, model_name, tmp_path):
-    from flywheel.flows.train import train
     from mlflow import MlflowClient
+
+    from flywheel.flows.train import train
 
     fresh_settings.setenv("FLYWHEEL_STATE_DIR", str(tmp_path / "state"))
     result = train(start=JAN_FEB[0], end=JAN_FEB[1], model_name=model_name)
@@ -32,9 +33,8 @@ def drift_env(tracking, prefect_server, fresh_settings, model_name, tmp_path):
 
 
 def _month(start: str, end: str):
-    from flywheel.tasks import data
-
     from flywheel.core.spec import load_spec
+    from flywheel.tasks import data
 
     spec = load_spec(None)
     return spec, data.pull_dataset(spec, start, end)
@@ -42,7 +42,7 @@ def _month(start: str, end: str):
 
 def _log_as_served(frame, model_name, log_dir):
     """Rows as the model server records them (inputs incl. the event time, prediction, version, request id)."""
-    from flywheel.request_log import RequestLogWriter
+    from flywheel.serving.request_log import RequestLogWriter
 
     writer = RequestLogWriter(log_dir, model_name)
     writer.start()
@@ -75,7 +75,8 @@ def _wait_events(api, model_name, n, timeout=30):
 
 
 def test_july_drifts_and_schedules_retraining_once(drift_env, model_name):
-    from flywheel.flows.check_drift import check_drift, serving_log_dir
+    from flywheel.flows.check_drift import check_drift
+    from flywheel.tasks.monitoring import serving_log_dir
 
     client, api = drift_env
     spec, july = _month("2013-07-01", "2013-08-01")
@@ -141,9 +142,10 @@ def test_empty_or_broken_current_data_fails_clearly_and_schedules_nothing(drift_
 
 def test_late_labels_are_joined_by_request_id_and_quality_is_measured(drift_env, model_name, tmp_path):
     import mlflow
-    from flywheel.flows.check_drift import check_drift, serving_log_dir
 
-    from flywheel.request_log import RequestLogWriter
+    from flywheel.flows.check_drift import check_drift
+    from flywheel.serving.request_log import RequestLogWriter
+    from flywheel.tasks.monitoring import serving_log_dir
 
     client, _ = drift_env
     spec, aug = _month("2013-08-01", "2013-08-15")

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
-from stacks import Traffic, running_stack, wait_for
+from stacks import Traffic, running_stack, stop_process, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -118,11 +118,7 @@ def engine(tmp_path_factory):
         _wait("the podman service", lambda: sock.exists() and docker.DockerClient(base_url=host).ping(), timeout=60)
         yield host
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 30)
         log.close()
 
 

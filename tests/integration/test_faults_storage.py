@@ -46,12 +46,12 @@ def test_s3_endpoint_down_during_pull_retries_then_fails_clearly(
     """The data's S3 endpoint goes down: botocore retries each call, the Prefect task retries the pull, then the
     flow fails with an error naming the endpoint and the bucket — and nothing reaches the registry."""
     from botocore.exceptions import EndpointConnectionError
-    from flywheel.flows.train import train
-    from flywheel.tasks import data
     from mlflow import MlflowClient
     from moto.server import ThreadedMotoServer
 
-    from flywheel import processes
+    from flywheel.flows.train import train
+    from flywheel.stack import processes
+    from flywheel.tasks import data
 
     stack = on_pg_stack
     # The shipped policy: 3 task retries with growing delays, on transient errors only; 4 botocore attempts a call.
@@ -121,8 +121,9 @@ def test_s3_endpoint_down_during_pull_retries_then_fails_clearly(
 def test_postgres_restart_under_running_stack(on_pg_stack, model_name, upload_flights, record_property):
     """PostgreSQL restarts (every connection dropped) under running MLflow and Prefect servers: the very next
     request to each succeeds (both pre-ping pooled connections), and the next train run registers normally."""
-    from flywheel.flows.train import train
     from mlflow import MlflowClient
+
+    from flywheel.flows.train import train
 
     stack = on_pg_stack
     client = MlflowClient(stack.mlflow.url)
@@ -216,10 +217,11 @@ def _end_outage(postgres, thread):
 def test_clients_ride_out_a_short_postgres_outage(on_pg_stack, model_name, monkeypatch, record_property):
     """A 1.5 s database outage: MLflow's client (Flywheel's retry settings) retries the 503 and succeeds; Prefect's
     client fails at once on the 500 unless 500 is added to PREFECT_CLIENT_RETRY_EXTRA_CODES, then succeeds."""
-    from flywheel.tasks import registry
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_CLIENT_RETRY_EXTRA_CODES, temporary_settings
+
+    from flywheel.tasks import registry
 
     stack = on_pg_stack
     for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):

@@ -1,6 +1,6 @@
 """Every metric the Grafana dashboard and the Prometheus alert rules (infra/) use exists in a real scrape.
 
-The model server app (`flywheel.model_server.create_app`) runs on uvicorn on 127.0.0.1 and a free port, serving a
+The model server app (`flywheel.serving.app.create_app`) runs on uvicorn on 127.0.0.1 and a free port, serving a
 small scikit-learn classifier registered twice in a file-based MLflow registry (SQLite in tmp). It takes good and
 bad /invocations, an admin load + swap + rollback, then its /metrics is scraped over HTTP and parsed with
 prometheus_client's parser, as Prometheus would read it.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -39,6 +40,9 @@ SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created")
 
 def _load_infra_checks():
     """The PromQL helpers and the drift contract of the unit tests (one definition for both)."""
+    unit = str(ROOT / "tests" / "unit")
+    if unit not in sys.path:
+        sys.path.append(unit)  # test_infra.py imports its sibling offline_tools, as pytest does for the unit tests
     spec = importlib.util.spec_from_file_location("flywheel_infra_checks", ROOT / "tests" / "unit" / "test_infra.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -115,8 +119,8 @@ def server_url(registry_uri, tmp_path_factory):
     """The real app on uvicorn, 127.0.0.1 and a free port, with the request log on."""
     import uvicorn
 
-    from flywheel.model_server import create_app
-    from flywheel.processes import free_port
+    from flywheel.serving.app import create_app
+    from flywheel.stack.processes import free_port
 
     app = create_app(
         MODEL, registry_uri, admin_token=ADMIN, request_log_dir=tmp_path_factory.mktemp("request-log"),
@@ -215,8 +219,9 @@ def test_drift_flow_pushes_the_dashboard_metrics():
     """The gauges the check-drift flow pushes to the Pushgateway are exactly DRIFT_METRICS, labelled by model."""
     from types import SimpleNamespace
 
-    from flywheel.flows.check_drift import drift_metrics
     from prometheus_client import generate_latest
+
+    from flywheel.tasks.metrics import drift_metrics
 
     registry = drift_metrics("m", SimpleNamespace(drift_share=0.6, dataset_drift=True), 1.7e9)
     families = list(text_string_to_metric_families(generate_latest(registry).decode()))

@@ -29,12 +29,12 @@ def test_train_flow_on_postgres_and_s3(on_pg_stack, model_name, upload_flights, 
     """(a) MLflow on PostgreSQL + S3 artifacts, data from s3://; (b) the flow runs on a Prefect server on PostgreSQL."""
     import boto3
     import mlflow.pyfunc
-    from flywheel.flows.train import train
-    from flywheel.tasks.data import load_flights, window
-    from flywheel.tasks.training import feature_frame
     from mlflow import MlflowClient
 
     from flywheel.core.spec import load_spec
+    from flywheel.flows.train import train
+    from flywheel.tasks.data import load_flights, window
+    from flywheel.tasks.training import feature_frame
 
     stack = on_pg_stack
     record_property("pg_stack_startup_s", round(stack.startup_s, 1))

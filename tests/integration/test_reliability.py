@@ -130,7 +130,7 @@ def mlflow_body(name: str, version: str, alias: str | None = "champion", entity:
 
 
 def signed(body: bytes, secret: str, delivery_id: str | None = None, ts: int | None = None) -> dict:
-    from flywheel.deployments.bridge import sign
+    from flywheel.bridge.signing import sign
 
     delivery_id = delivery_id or str(uuid.uuid4())
     ts_s = str(int(time.time()) if ts is None else ts)
@@ -220,7 +220,7 @@ def test_webhook_receiver_refuses_forgeries_and_emits_nothing(stack):
 
 # --------------------------------------------------------------------------------------------------- case 10
 def test_real_model_server_guards_admin_scoring_and_body_size(stack, client, trained, tmp_path):
-    from flywheel import processes
+    from flywheel.stack import processes
 
     st, urls, env = stack
     url = urls["model_url"]
@@ -236,7 +236,7 @@ def test_real_model_server_guards_admin_scoring_and_body_size(stack, client, tra
 
     # A server process started with FLYWHEEL_SERVING_TOKEN wants a bearer token for scoring.
     port = processes.free_port()
-    cmd = [sys.executable, "-m", "flywheel.model_server", "--model", MODEL, "--port", str(port),
+    cmd = [sys.executable, "-m", "flywheel.serving", "--model", MODEL, "--port", str(port),
            "--tracking-uri", urls["mlflow_url"], "--initial-alias", "champion"]  # fmt: skip
     token = uuid.uuid4().hex
     mp = processes.spawn("scoring-token-server", cmd, url=f"http://127.0.0.1:{port}", log_path=tmp_path / "ms.log",
@@ -282,8 +282,7 @@ def test_model_loading_only_from_the_configured_registry(stack, client, trained)
         intruder_v = new_version(client, trained, name=INTRUDER)
     client.set_registered_model_alias(INTRUDER, "champion", intruder_v)
     # And an event for a version the registry does not have.
-    from flywheel.deployments.bridge import prefect_emit
-
+    from flywheel.bridge.emit import prefect_emit
     from flywheel.core.events import alias_event_resource
 
     with _prefect_env(urls):
@@ -449,7 +448,7 @@ def test_deployments_process_killed_mid_deploy_then_reconciler_finishes_it(stack
 
 # --------------------------------------------------------------------------------------------------- case 9
 def test_secret_rotation_keeps_webhooks_flowing(stack, client, trained):
-    from flywheel.deployments.bridge import rotate_secret
+    from flywheel.bridge.secrets import rotate_secret
 
     st, urls, _ = stack
     old = (st.root / "webhook_secret").read_text().strip()
@@ -533,14 +532,14 @@ def test_mlflow_killed_between_register_and_alias(stack, tmp_path, monkeypatch):
     """Own MLflow server (the session's is shared); the train flow runs in this process against the stack's Prefect,
     and the MLflow server is SIGKILLed right after the version is created."""
     import mlflow
-    from flywheel.flows.train import train
-    from flywheel.tasks import registry
     from mlflow import MlflowClient
     from prefect.events.worker import EventsWorker
     from sklearn.datasets import load_breast_cancer
 
-    from flywheel import processes
     from flywheel.core.settings import get_settings
+    from flywheel.flows.train import train
+    from flywheel.stack import processes
+    from flywheel.tasks import registry
 
     _, urls, _ = stack
     frame = load_breast_cancer(as_frame=True).frame.rename(columns=lambda c: c.replace(" ", "_"))

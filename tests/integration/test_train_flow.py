@@ -57,10 +57,10 @@ def test_train_registers_version_with_lineage_and_aliases(flow_env, model_name):
 
     # The registered model scores rows like the ones it was trained on.
     import mlflow.pyfunc
-    from flywheel.tasks.data import pull_dataset
-    from flywheel.tasks.training import feature_frame
 
     from flywheel.core.spec import load_spec
+    from flywheel.tasks.data import pull_dataset
+    from flywheel.tasks.training import feature_frame
 
     spec = load_spec()
     rows = feature_frame(pull_dataset(spec, *JAN).head(20), spec)
@@ -132,6 +132,7 @@ def test_bad_data_registers_nothing(flow_env, model_name, tmp_path):
 
 def test_train_from_s3_prefix(flow_env, s3_server, model_name):
     import boto3
+
     from flywheel.flows.train import train
     from flywheel.tasks.data import DataSourceError, load_flights
 
@@ -154,8 +155,9 @@ def test_train_from_s3_prefix(flow_env, s3_server, model_name):
 
 
 def test_regression_spec_with_random_forest(flow_env, model_name, tmp_path):
-    from flywheel.flows.train import train
     from sklearn.datasets import load_diabetes
+
+    from flywheel.flows.train import train
 
     frame = load_diabetes(as_frame=True).frame
     data_path = tmp_path / "diabetes.csv"

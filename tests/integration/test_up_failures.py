@@ -30,7 +30,7 @@ PORT_VARS = ("MLFLOW", "PREFECT", "SERVING", "STAGING", "BRIDGE")
 # ----------------------------------------------------------------------------------------------- helpers
 def free_ports() -> dict[str, int]:
     """Five distinct free ports on 127.0.0.1, keyed like FLYWHEEL_<NAME>_PORT."""
-    from flywheel import processes
+    from flywheel.stack import processes
 
     ports: dict[str, int] = {}
     while len(ports) < len(PORT_VARS):
@@ -212,7 +212,7 @@ def test_up_with_a_port_bound_but_not_listening_fails_cleanly(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- 2. stack file
 def test_stale_stack_file_is_removed_and_the_start_proceeds(tmp_path):
-    from flywheel.stack import Stack
+    from flywheel.stack.supervisor import Stack
 
     state, ports = tmp_path / "state", free_ports()
     state.mkdir()
@@ -225,7 +225,7 @@ def test_stale_stack_file_is_removed_and_the_start_proceeds(tmp_path):
 
 
 def test_unreadable_stack_file_counts_as_stale(tmp_path):
-    from flywheel.stack import Stack
+    from flywheel.stack.supervisor import Stack
 
     state, ports = tmp_path / "state", free_ports()
     state.mkdir()
@@ -235,8 +235,8 @@ def test_unreadable_stack_file_counts_as_stale(tmp_path):
 
 
 def test_live_stack_file_refuses_a_second_stack(tmp_path):
-    from flywheel.processes import ServerStartError
-    from flywheel.stack import Stack
+    from flywheel.stack.processes import ServerStartError
+    from flywheel.stack.supervisor import Stack
 
     state, ports = tmp_path / "state", free_ports()
     state.mkdir()
@@ -272,9 +272,9 @@ def test_up_with_a_live_stack_file_exits_without_starting_anything(tmp_path):
 def test_a_server_that_crashes_while_starting_stops_every_started_server(tmp_path, monkeypatch):
     """MLflow, Prefect and both model servers come up; the bridge exits at once → start() raises a clear
     error, every server it had started (and their workers) is stopped, no stack file is written."""
-    from flywheel import processes
-    from flywheel.processes import ServerStartError
-    from flywheel.stack import Stack
+    from flywheel.stack import processes
+    from flywheel.stack.processes import ServerStartError
+    from flywheel.stack.supervisor import Stack
 
     state, ports = tmp_path / "state", free_ports()
     for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from flywheel.tasks import training
-from flywheel.tasks.data import load_flights
 
 from flywheel.core.spec import DatasetSpec, load_spec
+from flywheel.tasks import training
+from flywheel.tasks.data import load_flights
 
 SEED = 42
 

@@ -16,10 +16,15 @@ with warnings.catch_warnings():  # starlette 1.x suggests httpx2 for its TestCli
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
-from flywheel.deployments import bridge
+from flywheel.bridge.app import create_bridge_app
+from flywheel.bridge.deliveries import CLAIM_LEASE_SECONDS, DeliveryLog
+from flywheel.bridge.emit import EmitError, prefect_emit
+from flywheel.bridge.secrets import load_or_create_secret, rotate_secret
+from flywheel.bridge.signing import sign
+from flywheel.bridge.webhooks import WEBHOOK_PATH
 
 SECRET = "s3cr3t-for-tests"
-PATH = bridge.WEBHOOK_PATH
+PATH = WEBHOOK_PATH
 
 
 class Recorder:
@@ -35,7 +40,7 @@ class Recorder:
         if self.delay:
             time.sleep(self.delay)
         if self.fail:
-            raise bridge.EmitError("Prefect unreachable (test)")
+            raise EmitError("Prefect unreachable (test)")
         with self._lock:
             self.calls.append(kwargs)
 
@@ -57,7 +62,7 @@ def signed_headers(body: bytes, secret: str = SECRET, delivery_id: str | None = 
     try:
         signature = _generate_hmac_signature(secret, delivery_id, ts_s, body.decode())
     except UnicodeDecodeError:  # MLflow never sends such a body; sign the bytes the same way
-        signature = bridge.sign(secret, delivery_id, ts_s, body)
+        signature = sign(secret, delivery_id, ts_s, body)
     return {
         "Content-Type": "application/json",
         "X-MLflow-Delivery-Id": delivery_id,
@@ -78,14 +83,14 @@ def emit() -> Recorder:
 
 @pytest.fixture
 def client(state, emit):
-    return TestClient(bridge.create_bridge_app(SECRET, state, emit=emit))
+    return TestClient(create_bridge_app(SECRET, state, emit=emit))
 
 
 def test_sign_matches_mlflow_sender():
     from mlflow.webhooks.delivery import _generate_hmac_signature
 
     body = mlflow_body()
-    assert bridge.sign(SECRET, "d-1", "1700000000", body) == _generate_hmac_signature(
+    assert sign(SECRET, "d-1", "1700000000", body) == _generate_hmac_signature(
         SECRET, "d-1", "1700000000", body.decode()
     )
 
@@ -167,13 +172,13 @@ def test_timestamp_within_tolerance_is_accepted(client, emit):
 def test_replayed_delivery_is_duplicate_even_after_restart(state, emit):
     body = mlflow_body()
     headers = signed_headers(body)
-    with TestClient(bridge.create_bridge_app(SECRET, state, emit=emit)) as c:
+    with TestClient(create_bridge_app(SECRET, state, emit=emit)) as c:
         assert c.post(PATH, content=body, headers=headers).json()["status"] == "emitted"
         r = c.post(PATH, content=body, headers=headers)
         assert r.status_code == 200 and r.json()["status"] == "duplicate"
     assert len(emit.calls) == 1
     # A new app (a restarted bridge) on the same state dir remembers the delivery.
-    with TestClient(bridge.create_bridge_app(SECRET, state, emit=emit)) as c:
+    with TestClient(create_bridge_app(SECRET, state, emit=emit)) as c:
         r = c.post(PATH, content=body, headers=headers)
         assert r.status_code == 200 and r.json()["status"] == "duplicate"
     assert len(emit.calls) == 1
@@ -181,7 +186,7 @@ def test_replayed_delivery_is_duplicate_even_after_restart(state, emit):
 
 def test_concurrent_replays_emit_once(state):
     emit = Recorder(delay=0.2)
-    app = bridge.create_bridge_app(SECRET, state, emit=emit)
+    app = create_bridge_app(SECRET, state, emit=emit)
     body = mlflow_body()
     headers = signed_headers(body)
     statuses: list[int] = []
@@ -203,11 +208,11 @@ def test_emit_failure_is_5xx_and_retry_succeeds(state):
     failing = Recorder(fail=True)
     body = mlflow_body()
     headers = signed_headers(body)
-    r = TestClient(bridge.create_bridge_app(SECRET, state, emit=failing)).post(PATH, content=body, headers=headers)
+    r = TestClient(create_bridge_app(SECRET, state, emit=failing)).post(PATH, content=body, headers=headers)
     assert r.status_code == 503
     # MLflow retries the same delivery (same id, timestamp, signature): it must go through now.
     ok = Recorder()
-    r = TestClient(bridge.create_bridge_app(SECRET, state, emit=ok)).post(PATH, content=body, headers=headers)
+    r = TestClient(create_bridge_app(SECRET, state, emit=ok)).post(PATH, content=body, headers=headers)
     assert r.status_code == 200 and r.json()["status"] == "emitted"
     assert len(ok.calls) == 1
 
@@ -217,8 +222,8 @@ def test_prefect_emit_without_api_url_raises(monkeypatch):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
-        with pytest.raises(bridge.EmitError, match="PREFECT_API_URL"):
-            bridge.prefect_emit(event="x.y", resource={"prefect.resource.id": "a.b"}, payload={})
+        with pytest.raises(EmitError, match="PREFECT_API_URL"):
+            prefect_emit(event="x.y", resource={"prefect.resource.id": "a.b"}, payload={})
 
 
 def test_unreachable_prefect_is_503_so_mlflow_retries(state):
@@ -230,7 +235,7 @@ def test_unreachable_prefect_is_503_so_mlflow_retries(state):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = bridge.create_bridge_app(SECRET, state)  # emit=prefect_emit
+    app = create_bridge_app(SECRET, state)  # emit=prefect_emit
     body = mlflow_body()
     headers = signed_headers(body)
     with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{port}/api"}):
@@ -248,9 +253,7 @@ def test_async_emitter_is_awaited(state):
         calls.append(kwargs["event"])
 
     body = mlflow_body()
-    r = TestClient(bridge.create_bridge_app(SECRET, state, emit=emit)).post(
-        PATH, content=body, headers=signed_headers(body)
-    )
+    r = TestClient(create_bridge_app(SECRET, state, emit=emit)).post(PATH, content=body, headers=signed_headers(body))
     assert r.status_code == 200 and calls == ["mlflow.model_version_alias.created"]
 
 
@@ -320,21 +323,19 @@ def test_secret_and_signature_never_logged(client, caplog):
 
 def test_secret_file_is_private_and_reused(tmp_path):
     state = tmp_path / "fresh" / "state"
-    first = bridge.load_or_create_secret(state)
+    first = load_or_create_secret(state)
     path = state / "webhook_secret"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert len(first) >= 40
-    assert bridge.load_or_create_secret(state) == first
+    assert load_or_create_secret(state) == first
     path.chmod(0o644)
-    assert bridge.load_or_create_secret(state) == first
+    assert load_or_create_secret(state) == first
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 def test_secret_creation_is_race_free(tmp_path):
     results: list[str] = []
-    threads = [
-        threading.Thread(target=lambda: results.append(bridge.load_or_create_secret(tmp_path))) for _ in range(8)
-    ]
+    threads = [threading.Thread(target=lambda: results.append(load_or_create_secret(tmp_path))) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
@@ -346,8 +347,8 @@ def test_secret_creation_is_race_free(tmp_path):
 def test_app_accepts_state_dir_secret_and_follows_rotation(tmp_path, emit):
     """The bridge re-reads the state dir: after a rotation both secrets work for the grace period, then only the new."""
     state = tmp_path / "state"
-    old = bridge.load_or_create_secret(state)
-    client = TestClient(bridge.create_bridge_app(old, state, emit=emit))
+    old = load_or_create_secret(state)
+    client = TestClient(create_bridge_app(old, state, emit=emit))
 
     class FakeMlflow:  # only the webhook calls ensure_webhook makes
         def __init__(self):
@@ -361,7 +362,7 @@ def test_app_accepts_state_dir_secret_and_follows_rotation(tmp_path, emit):
             return kw
 
     fake = FakeMlflow()
-    new = bridge.rotate_secret(state, fake, "http://127.0.0.1:1/webhooks/mlflow", grace_seconds=600)
+    new = rotate_secret(state, fake, "http://127.0.0.1:1/webhooks/mlflow", grace_seconds=600)
     assert new != old and fake.updated_secret == new
     assert (state / "webhook_secret").read_text() == new
     assert stat.S_IMODE((state / "webhook_secret.previous").stat().st_mode) == 0o600
@@ -379,25 +380,25 @@ def test_app_accepts_state_dir_secret_and_follows_rotation(tmp_path, emit):
 
 def test_failed_rotation_changes_nothing(tmp_path):
     state = tmp_path / "state"
-    old = bridge.load_or_create_secret(state)
+    old = load_or_create_secret(state)
 
     class Down:
         def list_webhooks(self, max_results=None, page_token=None):
             raise ConnectionError("MLflow down")
 
     with pytest.raises(ConnectionError):
-        bridge.rotate_secret(state, Down(), "http://127.0.0.1:1/webhooks/mlflow")
-    assert bridge.load_or_create_secret(state) == old
+        rotate_secret(state, Down(), "http://127.0.0.1:1/webhooks/mlflow")
+    assert load_or_create_secret(state) == old
     assert not (state / "webhook_secret.next").exists()
 
 
 def test_app_needs_a_secret(tmp_path):
     with pytest.raises(ValueError):
-        bridge.create_bridge_app("", tmp_path / "empty")
+        create_bridge_app("", tmp_path / "empty")
 
 
 def test_delivery_log_prunes_expired_rows(tmp_path):
-    log = bridge.DeliveryLog(tmp_path / "d.sqlite3")
+    log = DeliveryLog(tmp_path / "d.sqlite3")
     now = time.time()
     assert log.claim("a", expires_at=now + 10, now=now) == "claimed"
     log.complete("a")
@@ -406,7 +407,7 @@ def test_delivery_log_prunes_expired_rows(tmp_path):
     assert log.count() == 1
     # An abandoned claim (crash mid-emit) can be taken over after the lease.
     assert log.claim("b", expires_at=now + 1000, now=now + 21) == "in_progress"
-    assert log.claim("b", expires_at=now + 1000, now=now + 20 + bridge.CLAIM_LEASE_SECONDS + 1) == "claimed"
+    assert log.claim("b", expires_at=now + 1000, now=now + 20 + CLAIM_LEASE_SECONDS + 1) == "claimed"
 
 
 class _Page(list):

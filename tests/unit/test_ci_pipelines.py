@@ -21,10 +21,8 @@ import functools
 import gc
 import inspect
 import json
-import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from offline_tools import offline_env, tool
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW = ROOT / ".github" / "workflows" / "model-ci.yml"
@@ -41,27 +40,6 @@ DEPLOYMENT = "deploy-model/on-alias"
 
 
 # ------------------------------------------------------------------------------------------------- tools
-def tool(name: str) -> str:
-    """A validator from the test extra: next to this interpreter (the venv) or on PATH; missing is a failure."""
-    here = Path(sys.executable).parent / name
-    found = str(here) if here.exists() else shutil.which(name)
-    if not found:
-        pytest.fail(f"`{name}` is not installed: install the project's `test` extra (pyproject.toml)")
-    return found
-
-
-def offline_env() -> dict[str, str]:
-    """The environment for a validator: the venv's tools first on PATH (actionlint finds shellcheck there) and
-    every proxy pointed at a closed port, so any attempt to download a schema or an action fails loudly."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        env[var] = "http://127.0.0.1:9"
-    env.pop("NO_PROXY", None)
-    env.pop("no_proxy", None)
-    return env
-
-
 def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, env=offline_env(), input=stdin, timeout=60)
 
@@ -564,7 +542,7 @@ def prefect_params(script: str, values: dict[str, str]) -> list[str]:
 
 
 def test_pipelines_read_the_keys_ci_result_json_has():
-    from flywheel.ci import ci_summary
+    from flywheel.cli.ci import ci_summary
 
     keys = set(ci_summary({"status": "registered", "model_name": "m", "version": "3", "promoted": True}))
     scripts = deploy_scripts()
@@ -578,8 +556,9 @@ def test_pipelines_read_the_keys_ci_result_json_has():
 def test_deploy_commands_name_a_real_deployment_and_pass_version_as_a_string():
     """Prefect reads each `-p key=value` as JSON: `version=3` would be the integer 3, which the deployment's
     parameter schema (str) rejects. Each pipeline quotes the values; this runs Prefect's own parser on them."""
-    from flywheel.flows.deploy import deploy_model
     from prefect.cli._utilities import load_json_key_values
+
+    from flywheel.flows.deploy import deploy_model
 
     prefect_yaml = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     flow_name, dep_name = DEPLOYMENT.split("/")

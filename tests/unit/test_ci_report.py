@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from flywheel import ci
+from flywheel.cli import ci
 
 BINARY = {"accuracy": 0.80, "f1": 0.41, "precision": 0.35, "recall": 0.50, "roc_auc": 0.72}
 
@@ -185,8 +185,8 @@ class FakeRun:
         self.train_kwargs: dict | None = None
         self.server_started = False
         self.recorded_for: tuple | None = None
-        monkeypatch.setattr("flywheel.local.prepare_env", lambda settings: None)
-        monkeypatch.setattr("flywheel.local.tracking_server", self.tracking_server)
+        monkeypatch.setattr("flywheel.stack.local.prepare_env", lambda settings: None)
+        monkeypatch.setattr("flywheel.stack.local.tracking_server", self.tracking_server)
         monkeypatch.setattr(ci, "_train", self.train)
         monkeypatch.setattr(ci, "recorded_gate", self.recorded_gate)
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from flywheel.tasks import data
-from flywheel.tasks.data import DataSourceError, data_hash, pull_dataset, read_source, window
 
 from flywheel.core.sampling import sample_rows
 from flywheel.core.spec import DatasetSpec
+from flywheel.tasks import data
+from flywheel.tasks.data import DataSourceError, data_hash, pull_dataset, read_source, window
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from flywheel.demo import MonthRow, chart, month_bounds, summary_table
+from flywheel.cli.demo import MonthRow, chart, month_bounds, summary_table
 
 
 def _row(month: str, **kw) -> MonthRow:
@@ -50,8 +50,9 @@ def test_chart_is_a_png(tmp_path):
 
 
 def test_drift_gauges_carry_the_verdict():
-    from flywheel.flows.check_drift import drift_metrics
     from prometheus_client import generate_latest
+
+    from flywheel.tasks.metrics import drift_metrics
 
     text = generate_latest(drift_metrics("m", SimpleNamespace(drift_share=0.6, dataset_drift=True), 1700000000.0))
     text = text.decode()

@@ -15,10 +15,10 @@ from datetime import timedelta
 
 import pandas as pd
 import pytest
-from flywheel.tasks import drift, training
-from flywheel.tasks.drift import DriftDataError, DriftResult, compute_drift, drift_markdown, should_retrain
 
 from flywheel.core.spec import DatasetSpec
+from flywheel.tasks import drift, training
+from flywheel.tasks.drift import DriftDataError, DriftResult, compute_drift, drift_markdown, should_retrain
 
 CAP = 15_000  # per side: Jan–Feb has ~50k rows, so the reference is always sampled
 WEATHER = ["temp", "dewp", "humid", "wind_speed", "precip", "pressure", "visib"]

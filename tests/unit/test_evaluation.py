@@ -7,6 +7,8 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+
+from flywheel.core.spec import DatasetSpec
 from flywheel.tasks.evaluation import (
     HIGHER_IS_BETTER,
     classification_metrics,
@@ -17,8 +19,6 @@ from flywheel.tasks.evaluation import (
     primary_metric,
     regression_metrics,
 )
-
-from flywheel.core.spec import DatasetSpec
 
 
 class FixedModel:

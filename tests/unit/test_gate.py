@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from flywheel.tasks.gate import GateDecision, GateThresholds, promotion_gate
 
 T = GateThresholds()  # min_f1 0.30, min_roc_auc 0.60, min_r2 0.0, min_uplift 0.005, no RMSE ceiling

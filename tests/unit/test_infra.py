@@ -4,7 +4,7 @@ cross-checks where they do not.
 - docker-compose.yml: the compose-spec JSON schema vendored in check-jsonschema (and a broken copy it rejects);
   every `${VAR}` defined in .env.example; service_healthy dependencies have healthchecks; published ports on
   127.0.0.1; the commands of the services built from infra/Dockerfile parsed by the real parsers of their entry
-  points (flywheel.model_server's argparse, the bridge's main, mlflow's click command, Prefect's cyclopts app).
+  points (flywheel.serving's argparse, the bridge's main, mlflow's click command, Prefect's cyclopts app).
 - The worker's rendering of prefect.yaml onto a work pool, validated by Prefect's own prefect.yaml model.
 - Prometheus rules and Grafana panels: balanced PromQL, and every metric name they use exists in the model
   server's real metrics registry (or is a drift metric of DRIFT_METRICS); the live scrape is
@@ -22,16 +22,15 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from offline_tools import offline_env, tool
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -60,24 +59,6 @@ PLACEHOLDERS = {"change-me", ""}
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def tool(name: str) -> str:
-    here = Path(sys.executable).parent / name
-    found = str(here) if here.exists() else shutil.which(name)
-    if not found:
-        pytest.fail(f"`{name}` is not installed: install the project's `test` extra (pyproject.toml)")
-    return found
-
-
-def offline_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        env[var] = "http://127.0.0.1:9"
-    env.pop("NO_PROXY", None)
-    env.pop("no_proxy", None)
-    return env
-
-
 def start_compose_schema_check(path: Path) -> subprocess.Popen:
     cmd = [tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=offline_env())
@@ -277,12 +258,12 @@ def test_upstream_images_are_pinned_and_built_images_come_from_the_dockerfile(co
 
 
 def test_model_server_commands_parse_with_its_parser(compose, env_example):
-    from flywheel.model_server import _parser
+    from flywheel.serving.__main__ import _parser
 
     roles = {}
     for name, svc in built_services(compose).items():
         command = [interpolate(str(t), env_example) for t in svc.get("command") or []]
-        if command[:3] != ["python", "-m", "flywheel.model_server"]:
+        if command[:3] != ["python", "-m", "flywheel.serving"]:
             continue
         args = _parser().parse_args(command[3:])
         assert args.host == "0.0.0.0", f"{name}: a container must bind all its interfaces"
@@ -305,11 +286,11 @@ def test_model_server_commands_parse_with_its_parser(compose, env_example):
 
 
 def test_bridge_command_parses_with_the_bridge_main(compose, env_example, monkeypatch, fresh_settings):
-    import flywheel.deployments.bridge as bridge
+    import flywheel.bridge.__main__ as bridge
 
     svc = compose["services"]["bridge"]
     command = [interpolate(str(t), env_example) for t in svc["command"]]
-    assert command[:3] == ["python", "-m", "flywheel.deployments.bridge"]
+    assert command[:3] == ["python", "-m", "flywheel.bridge"]
     seen = {}
     monkeypatch.setattr(bridge, "load_or_create_secret", lambda state_dir: "file-secret")
     monkeypatch.setattr(bridge, "run_bridge", lambda host, port, secret, state_dir, **kw: seen.update(
@@ -543,7 +524,7 @@ def test_promql_extraction_itself():
 
 def model_server_sample_names() -> set[str]:
     """Every sample name the real model server registry exposes (counters' _total, histograms' _bucket, ...)."""
-    from flywheel.model_server import _Metrics
+    from flywheel.serving.metrics import _Metrics
 
     metrics = _Metrics("m", "production")
     metrics.requests.labels(endpoint="/invocations", method="POST", status="200").inc()
@@ -727,7 +708,7 @@ def test_kustomization_lists_every_manifest_but_the_secret_template(k8s):
 
 
 def test_deployments_selectors_probes_and_resources(k8s):
-    from flywheel.model_server import _parser
+    from flywheel.serving.__main__ import _parser
 
     deployments = [d for d in k8s.values() if d["kind"] == "Deployment"]
     assert {d["metadata"]["name"] for d in deployments} == {"flywheel-model-server", "flywheel-worker"}
@@ -759,7 +740,7 @@ def test_deployments_selectors_probes_and_resources(k8s):
     )
     for c in server.values():
         args = _parser().parse_args(c["args"][3:])
-        assert c["args"][:3] == ["python", "-m", "flywheel.model_server"] and args.host == "0.0.0.0"
+        assert c["args"][:3] == ["python", "-m", "flywheel.serving"] and args.host == "0.0.0.0"
         assert args.port == _resolve_port(c, c["readinessProbe"]["httpGet"]["port"])
     assert k8s[("Deployment", "flywheel-model-server")]["spec"]["replicas"] == 1  # blue/green lives in the process
     worker = _containers(k8s[("Deployment", "flywheel-worker")])[0]

@@ -18,7 +18,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
-from flywheel.model_server import _parser, create_app, read_request_log
+from flywheel.serving.__main__ import _parser
+from flywheel.serving.app import create_app
+from flywheel.tasks.request_log import read_request_log
 
 MODEL = "flights-serving-test"
 ADMIN = "admin-secret"
@@ -416,7 +418,7 @@ def test_request_log_flushed_on_shutdown(registry, tmp_path):
 def test_swap_under_load_on_a_real_server_has_zero_failures(registry, rows):
     import uvicorn
 
-    from flywheel import processes
+    from flywheel.stack import processes
 
     port = processes.free_port()
     app = create_app(MODEL, registry["uri"], admin_token=ADMIN, initial_version="1")
@@ -501,8 +503,8 @@ def test_request_log_on_s3_round_trips(tmp_path, monkeypatch):
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from flywheel.processes import free_port
-    from flywheel.request_log import RequestLogWriter
+    from flywheel.serving.request_log import RequestLogWriter
+    from flywheel.stack.processes import free_port
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
@@ -534,7 +536,7 @@ def mlflow_scoring_server(registry):
     import uvicorn
     from mlflow.pyfunc import scoring_server
 
-    from flywheel import processes
+    from flywheel.stack import processes
 
     port = processes.free_port()
     app = scoring_server.init(registry["models"]["2"])

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import skops.io
+
+from flywheel.core.spec import DatasetSpec
 from flywheel.tasks import registry
 from flywheel.tasks.registry import RegistryUnavailableError, check_tracking_server
 from flywheel.tasks.training import ModelSpec, build_pipeline
-
-from flywheel.core.spec import DatasetSpec
 
 
 def closed_port() -> int:

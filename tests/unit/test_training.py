@@ -13,7 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from flywheel.tasks import training
+from sklearn.datasets import load_diabetes
+from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge
+
+from flywheel.core.spec import DatasetSpec
+from flywheel.tasks import candidates, training
 from flywheel.tasks.evaluation import evaluate_model
 from flywheel.tasks.training import (
     ModelSpec,
@@ -27,11 +32,6 @@ from flywheel.tasks.training import (
     split_dataset,
     train_model,
 )
-from sklearn.datasets import load_diabetes
-from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
-from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge
-
-from flywheel.core.spec import DatasetSpec
 
 SEED = 42
 
@@ -388,19 +388,21 @@ def test_candidate_set_hash_covers_the_set_not_names_or_order():
 
 
 def _result(name, error=None, **metrics):
-    return training.CandidateResult(name, ModelSpec(name=name, estimator="ridge"), metrics, f"run-{name}", error=error)
+    return candidates.CandidateResult(
+        name, ModelSpec(name=name, estimator="ridge"), metrics, f"run-{name}", error=error
+    )
 
 
 def test_best_candidate_by_metric_direction():
     results = [_result("a", f1=0.4, rmse=3.0), _result("b", f1=0.6, rmse=2.0), _result("c", f1=0.5, rmse=1.0)]
-    assert training.best_candidate(results, "f1").name == "b"  # higher is better
-    assert training.best_candidate(results, "rmse").name == "c"  # lower is better
-    assert training.best_candidate([_result("x", r2=-0.5), _result("y", r2=-0.1)], "r2").name == "y"
+    assert candidates.best_candidate(results, "f1").name == "b"  # higher is better
+    assert candidates.best_candidate(results, "rmse").name == "c"  # lower is better
+    assert candidates.best_candidate([_result("x", r2=-0.5), _result("y", r2=-0.1)], "r2").name == "y"
 
 
 def test_best_candidate_tie_goes_to_the_first_listed():
-    assert training.best_candidate([_result("a", f1=0.5), _result("b", f1=0.5)], "f1").name == "a"
-    assert training.best_candidate([_result("a", rmse=1.0), _result("b", rmse=1.0)], "rmse").name == "a"
+    assert candidates.best_candidate([_result("a", f1=0.5), _result("b", f1=0.5)], "f1").name == "a"
+    assert candidates.best_candidate([_result("a", rmse=1.0), _result("b", rmse=1.0)], "rmse").name == "a"
 
 
 def test_best_candidate_skips_failed_missing_and_nan():
@@ -410,11 +412,11 @@ def test_best_candidate_skips_failed_missing_and_nan():
         _result("nan", f1=float("nan")),
         _result("ok", f1=0.1),
     ]
-    assert training.best_candidate(results, "f1").name == "ok"
+    assert candidates.best_candidate(results, "f1").name == "ok"
     with pytest.raises(ModelSpecError, match=r"no candidate can be selected on 'f1' \(failed: ValueError: boom; "):
-        training.best_candidate(results[:3], "f1")
+        candidates.best_candidate(results[:3], "f1")
     with pytest.raises(ModelSpecError, match="no candidates"):
-        training.best_candidate([], "f1")
+        candidates.best_candidate([], "f1")
 
 
 def test_candidate_summary_has_no_model_and_names_where_it_ran():
@@ -428,7 +430,7 @@ def test_candidate_summary_has_no_model_and_names_where_it_ran():
 
 
 def test_worker_identity_outside_dask():
-    ident = training.worker_identity()
+    ident = candidates.worker_identity()
     assert ident["pid"] == str(os.getpid()) and ident["host"] and ident["thread"]
     assert "dask_worker" not in ident
 
@@ -468,8 +470,8 @@ def fake_registry(monkeypatch):
 
 def test_train_candidate_logs_a_nested_run(fake_registry, january_split, flights_spec):
     model = ModelSpec(name="lr", estimator="logistic_regression", params={"max_iter": 300})
-    tracking = training.CandidateTracking("http://mlflow", "7", "parent-1", {"flywheel.flow_run_id": "fr"})
-    result = training.train_candidate.fn(model, january_split, flights_spec, SEED, "abcdef0123", 1, tracking)
+    tracking = candidates.CandidateTracking("http://mlflow", "7", "parent-1", {"flywheel.flow_run_id": "fr"})
+    result = candidates.train_candidate.fn(model, january_split, flights_spec, SEED, "abcdef0123", 1, tracking)
 
     assert result.name == "lr" and result.run_id == "child-1" and result.error is None
     assert result.metrics["f1"] > 0 and hasattr(result.model, "predict_proba")
@@ -488,16 +490,17 @@ def test_train_candidate_logs_a_nested_run(fake_registry, january_split, flights
 
 def test_failed_candidate_ends_its_run_failed(fake_registry, january_split, flights_spec):
     bad = ModelSpec(name="bad", estimator="logistic_regression", params={"C": -1.0})  # sklearn rejects C <= 0
-    tracking = training.CandidateTracking(None, "7", "parent-1")
+    tracking = candidates.CandidateTracking(None, "7", "parent-1")
     with pytest.raises(ValueError):
-        training.train_candidate.fn(bad, january_split, flights_spec, SEED, "abcdef0123", 1, tracking)
+        candidates.train_candidate.fn(bad, january_split, flights_spec, SEED, "abcdef0123", 1, tracking)
     assert fake_registry.calls[-1] == ("end", "child-1", "FAILED")
 
 
 def test_candidate_task_runner_threads_by_default_and_dask_when_configured(fresh_settings):
-    from flywheel.flows.train import candidate_task_runner, openmp_threads_per_candidate, runner_label
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
+
+    from flywheel.tasks.candidates import candidate_task_runner, openmp_threads_per_candidate, runner_label
 
     fresh_settings.delenv("FLYWHEEL_DASK_ADDRESS", raising=False)
     runner = candidate_task_runner(3)
@@ -526,7 +529,7 @@ def test_openmp_limit_caps_only_the_calling_thread():
     seen = {}
 
     def capped():
-        with training.openmp_limit(1):
+        with candidates.openmp_limit(1):
             seen["inside"] = _openmp_effective_n_threads()
 
     thread = threading.Thread(target=capped)
@@ -534,5 +537,5 @@ def test_openmp_limit_caps_only_the_calling_thread():
     thread.join()
     assert seen["inside"] == 1
     assert _openmp_effective_n_threads() == before
-    with training.openmp_limit(None):
+    with candidates.openmp_limit(None):
         assert _openmp_effective_n_threads() == before

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from flywheel.tasks.validation import DataValidationError, ValidationReport, validate, validate_dataset
 
 from flywheel.core.spec import DatasetSpec
+from flywheel.tasks.validation import DataValidationError, ValidationReport, validate, validate_dataset
 
 N = 250
 

@@ -19,8 +19,8 @@ app = typer.Typer(
 @app.callback()
 def main() -> None:
     """Flywheel's commands; settings come from FLYWHEEL_* variables and .env."""
-    from flywheel import local
     from flywheel.core.settings import get_settings
+    from flywheel.stack import local
 
     # Before anything imports Prefect: it reads PREFECT_API_URL once, at import (a running stack's, if any).
     local.prepare_env(get_settings())
@@ -57,9 +57,9 @@ def train(
     Uses MLFLOW_TRACKING_URI when set; otherwise a running `flywheel up` stack, otherwise it starts a local
     MLflow server (SQLite + local artifacts in the state dir) for the run and stops it afterwards.
     """
-    from flywheel import local
     from flywheel.core.settings import get_settings
     from flywheel.core.spec import load_spec
+    from flywheel.stack import local
     from flywheel.tasks.training import load_model_specs
 
     settings = get_settings()
@@ -103,8 +103,8 @@ def demo(
 ) -> None:
     """The closed loop on the embedded default: start the stack, train on January–February 2013, deploy, then
     replay March–December month by month (serve → drift check → retrain → gate → deploy) and summarise."""
+    from flywheel.cli.demo import run_demo
     from flywheel.core.settings import get_settings
-    from flywheel.demo import run_demo
 
     try:
         run_demo(get_settings(), months=months, keep=keep, echo=typer.echo)
@@ -124,9 +124,9 @@ def ci(
 ) -> None:
     """For CI systems: run `train` with the gate; write a Markdown report (metrics vs champion, gate reasons).
 
-    Exit code: see `flywheel.ci` (0 = the gate passed; non-zero = gate failed, bad input or a crash).
+    Exit code: see `flywheel.cli.ci` (0 = the gate passed; non-zero = gate failed, bad input or a crash).
     """
-    from flywheel.ci import run_ci
+    from flywheel.cli.ci import run_ci
 
     code = run_ci(spec, data, params, start, end, model_name, report_path=report, echo=typer.echo)
     raise typer.Exit(code=code)
@@ -136,10 +136,10 @@ def ci(
 def up() -> None:
     """Start the whole stack on 127.0.0.1 (MLflow, Prefect + UI, model servers, webhook bridge, deployments)
     as supervised child processes; Ctrl-C or SIGTERM stops everything."""
-    from flywheel import local
     from flywheel.core.settings import get_settings
-    from flywheel.processes import ServerStartError
-    from flywheel.stack import Stack
+    from flywheel.stack import local
+    from flywheel.stack.processes import ServerStartError
+    from flywheel.stack.supervisor import Stack
 
     settings = get_settings()
     local.prepare_env(settings)
@@ -175,15 +175,15 @@ def status() -> None:
     """What runs, the champion of the model, the last deployment and drift verdict."""
     import httpx
 
-    from flywheel import local
     from flywheel.core.settings import get_settings
+    from flywheel.stack import local
 
     settings = get_settings()
     stack = local.running_stack(settings)
     if not stack:
         typer.echo(f"no Flywheel stack is running from {settings.state_path}")
         raise typer.Exit(code=1)
-    from flywheel.stack import pid_alive
+    from flywheel.stack.supervisor import pid_alive
 
     for name, pid in stack["pids"].items():
         typer.echo(f"{name:16} pid {pid:<8} {'running' if pid_alive(int(pid)) else 'DEAD'}")
@@ -215,8 +215,8 @@ def rollback(
     ] = None,
 ) -> None:
     """Move `champion` back to the previous good version; the alias event then deploys it."""
-    from flywheel import local
     from flywheel.core.settings import get_settings
+    from flywheel.stack import local
 
     settings = get_settings()
     local.prepare_env(settings)
@@ -233,9 +233,9 @@ def rollback(
 @app.command("rotate-webhook-secret")
 def rotate_webhook_secret() -> None:
     """Replace the MLflow webhook's signing secret of a running stack; no delivery is lost during the switch."""
-    from flywheel import local
+    from flywheel.bridge.secrets import rotate_secret
     from flywheel.core.settings import get_settings
-    from flywheel.deployments.bridge import rotate_secret
+    from flywheel.stack import local
     from flywheel.tasks import registry
 
     settings = get_settings()
@@ -250,7 +250,7 @@ def _write_effective_spec(settings, ds) -> Path:
     """CLI overrides become a spec file in the state dir so the flow run records exactly what it used."""
     import yaml
 
-    from flywheel import local
+    from flywheel.stack import local
 
     path = local.state_dir(settings) / "specs" / f"{ds.name}-cli.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -311,8 +311,8 @@ def publish(loop: Loop, rows: list[MonthRow], out_dir: Path) -> dict:
 def run_demo(settings: Settings, *, months: int | None, keep: bool, echo: Callable[[str], None] = print) -> dict:
     from prefect.context import refresh_global_settings_context
 
-    from flywheel import local
-    from flywheel.stack import Stack
+    from flywheel.stack import local
+    from flywheel.stack.supervisor import Stack
 
     stack = None
     urls = local.running_stack(settings)

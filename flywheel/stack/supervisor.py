@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flywheel import local, processes
 from flywheel.core.files import load_or_create_private
 from flywheel.core.settings import Settings
-from flywheel.processes import ManagedProcess, ServerStartError
+from flywheel.stack import local, processes
+from flywheel.stack.processes import ManagedProcess, ServerStartError
 
 SECRET_FILES = ("admin_token",)
 
@@ -138,17 +138,13 @@ class Stack:
 
     def _model_server_cmd(self, role: str, port: int, admin_token: str) -> list[str]:
         alias = "champion" if role == "model-server" else "challenger"
+        serving_role = "production" if alias == "champion" else "staging"
         return [
-            sys.executable, "-m", "flywheel.model_server", "--model", self.settings.model_name,
+            sys.executable, "-m", "flywheel.serving", "--model", self.settings.model_name,
             "--host", self.settings.host, "--port", str(port), "--tracking-uri", self.urls()["mlflow_url"],
-            "--initial-alias", alias, "--role", "production" if alias == "champion" else "staging",
-            "--request-log-dir", self._request_log(alias),
+            "--initial-alias", alias, "--role", serving_role,
+            "--request-log-dir", str(self.settings.request_log_dir(serving_role)),
         ]  # fmt: skip
-
-    def _request_log(self, alias: str) -> str:
-        role = "production" if alias == "champion" else "staging"
-        uri = self.settings.request_log_uri
-        return f"{uri.rstrip('/')}/{role}" if uri else str(self.root / "serving" / role)
 
     def _start_model_server(self, role: str, port: int, admin_token: str) -> ManagedProcess:
         env = {**self.child_env(), "FLYWHEEL_ADMIN_TOKEN": admin_token}
@@ -160,7 +156,7 @@ class Stack:
 
     def _start_bridge(self) -> ManagedProcess:
         s = self.settings
-        cmd = [sys.executable, "-m", "flywheel.deployments.bridge", "--host", s.host, "--port", str(s.bridge_port)]
+        cmd = [sys.executable, "-m", "flywheel.bridge", "--host", s.host, "--port", str(s.bridge_port)]
         mp = processes.spawn(
             "bridge", cmd, url=self.urls()["bridge_url"], log_path=self.root / "logs" / "bridge.log",
             health_path="/health", env=self.child_env(),
@@ -168,7 +164,8 @@ class Stack:
         return processes.healthy_or_stopped(mp, 60)
 
     def _register_webhook(self, bridge_url: str) -> None:
-        from flywheel.deployments.bridge import ensure_webhook, load_or_create_secret
+        from flywheel.bridge.secrets import load_or_create_secret
+        from flywheel.bridge.webhooks import ensure_webhook
         from flywheel.tasks import registry
 
         secret = load_or_create_secret(self.root)

@@ -292,9 +292,9 @@ def run_ci(
     echo: Callable[[str], None] = print,
 ) -> int:
     """Run the train flow like `flywheel train`, write the report and verdict, and return the CI exit code."""
-    from flywheel import local
     from flywheel.core.errors import UserError
     from flywheel.core.settings import get_settings
+    from flywheel.stack import local
 
     settings = get_settings()
     spec = Path(spec) if spec else None

@@ -199,6 +199,20 @@ def start_mlflow(
     return healthy_or_stopped(mp, timeout)
 
 
+def start_mlflow_in(root: Path, *, host: str = "127.0.0.1", port: int | None = None) -> ManagedProcess:
+    """An MLflow server with everything under `root` (SQLite backend, local artifacts, its log, the webhook key),
+    on `port` or a free one: the servers of the test session and the benchmarks."""
+    root.mkdir(parents=True, exist_ok=True)
+    return start_mlflow(
+        host=host,
+        port=free_port(host) if port is None else port,
+        backend_store_uri=f"sqlite:///{root / 'mlflow.db'}",
+        artifacts_destination=str(root / "artifacts"),
+        log_path=root / "mlflow.log",
+        env=mlflow_server_env(root, load_or_create_fernet_key(root)),
+    )
+
+
 def start_prefect(
     *,
     host: str,

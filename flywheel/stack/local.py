@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from flywheel import processes
 from flywheel.core.settings import Settings
+from flywheel.stack import processes
 
 STACK_FILE = "stack.json"
 

@@ -1,0 +1,213 @@
+"""Monitoring: the drift check's I/O around tasks/drift.py — the champion's reference, the current window of
+serving data, late labels, the monitoring run in MLflow, the verdict on the registered model, and the retraining
+it schedules."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flywheel.core.names import slug
+from flywheel.core.settings import get_settings
+from flywheel.core.spec import DatasetSpec
+from flywheel.core.timeutil import to_utc, utc_timestamp
+from flywheel.tasks import data, drift, events, registry, runs
+
+TAG_LAST_RETRAIN = "last_retrain_scheduled_event_time"
+TAG_LAST_DRIFT = "last_drift"
+PREDICTION = "prediction"  # the request log's prediction column (flywheel.tasks.request_log)
+_EVENT_TIME = "%Y-%m-%dT%H:%M:%S"
+
+
+class DriftCheckError(RuntimeError):
+    """No champion, or no usable serving data to compare with."""
+
+
+def serving_log_dir() -> Path | str:
+    """Where the production model server records what it scores (FLYWHEEL_REQUEST_LOG_URI, or the state dir)."""
+    return get_settings().request_log_dir("production")
+
+
+def champion_reference(mlflow_client, name: str):
+    """(champion version, the training sample saved with it): what the current data is compared with."""
+    champion = registry.get_alias_version(mlflow_client, name, registry.CHAMPION)
+    if champion is None:
+        raise DriftCheckError(f"{name} has no champion: nothing to check drift against")
+    return champion, registry.load_reference_sample(mlflow_client, champion)
+
+
+@task(name="load-current-data", cache_policy=NO_CACHE)
+def load_current(spec: DatasetSpec, model_name: str, current_uri: str | None, start: str | None, end: str | None):
+    """Serving data (or `current_uri`) in [start, end); without bounds, the latest drift window by event time."""
+    if current_uri:
+        frame = data.read_source(current_uri)
+    else:
+        from flywheel.tasks.request_log import read_request_log
+
+        frame = read_request_log(serving_log_dir(), model_name)
+    if frame is None or frame.empty:
+        where = current_uri or f"the model server's request log ({serving_log_dir()})"
+        raise drift.DriftDataError(f"no current data in {where}: nothing has been scored yet")
+    time_col = spec.event_time if spec.event_time and spec.event_time in frame.columns else "timestamp"
+    if time_col not in frame.columns:
+        raise drift.DriftDataError(
+            f"current data has neither the event_time column '{spec.event_time}' nor a timestamp"
+        )
+    ts = to_utc(frame[time_col])
+    if ts.notna().sum() == 0:
+        raise drift.DriftDataError(f"current data has no readable event times in '{time_col}'")
+    hi = utc_timestamp(end) if end else ts.max() + pd.Timedelta(microseconds=1)
+    lo = utc_timestamp(start) if start else hi - pd.Timedelta(days=get_settings().drift_window_days)
+    window = frame.loc[(ts >= lo) & (ts < hi)].reset_index(drop=True)
+    return window, lo, hi
+
+
+@task(name="join-labels", cache_policy=NO_CACHE)
+def with_labels(reference: pd.DataFrame, current: pd.DataFrame, spec: DatasetSpec, champion, labels_uri: str):
+    """Served rows that have a label (joined by request id), and the champion's own predictions on its reference
+    sample, so Evidently compares its quality then and now."""
+    import mlflow
+
+    labels = data.read_source(labels_uri)
+    missing = {"request_id", spec.target} - set(labels.columns)
+    if missing:
+        raise drift.DriftDataError(f"labels at {labels_uri} lack column(s) {sorted(missing)}")
+    if "request_id" not in current.columns or PREDICTION not in current.columns:
+        raise drift.DriftDataError("current data has no request_id/prediction columns to join labels to")
+    labels = labels[["request_id", spec.target]].drop_duplicates("request_id", keep="last")
+    joined = current.drop(columns=[spec.target], errors="ignore").merge(labels, on="request_id", how="inner")
+    if joined.empty:
+        raise drift.DriftDataError(f"no label in {labels_uri} matches a served request id in the window")
+    model = mlflow.pyfunc.load_model(f"models:/{champion.name}/{champion.version}")
+    features = reference[spec.features].astype({c: "float64" for c in spec.numeric})  # as the model was trained
+    reference = reference.assign(**{PREDICTION: list(model.predict(features))})
+    return reference, joined
+
+
+def measure_drift(
+    reference: pd.DataFrame, current: pd.DataFrame, spec: DatasetSpec, html_path: Path, labelled: bool
+) -> drift.DriftResult:
+    """Evidently on the spec's drift columns with the configured thresholds; quality too when `labelled`."""
+    s = get_settings()
+    return drift.compute_drift(
+        reference, current, drift.drift_columns(spec), drift_share=s.drift_share, sample_cap=s.drift_sample_cap,
+        seed=s.seed, min_rows=s.drift_min_rows, html_path=html_path, categorical=spec.categorical,
+        target=spec.target if labelled else None, prediction=PREDICTION if labelled else None, task=spec.task,
+        pos_label=spec.positive_class,
+    )  # fmt: skip
+
+
+@task(name="log-drift-report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 5])
+def log_report(result, html_path: str, model_name: str, version: str, lo, hi) -> str:
+    """A monitoring run in MLflow, linked to the champion version, holding the Evidently HTML report."""
+    import mlflow
+
+    mlflow.set_experiment(f"{get_settings().experiment_name}-monitoring")
+    with mlflow.start_run(
+        run_name=f"drift-{model_name}-v{version}-{lo:%Y%m%d}",
+        tags={"flywheel.model_name": model_name, "flywheel.model_version": str(version), "flywheel.kind": "drift"},
+    ) as run:
+        mlflow.log_metrics({"drift_share": result.drift_share, "n_drifted": result.n_drifted})
+        mlflow.log_params({"window_start": str(lo), "window_end": str(hi), "sampled": result.sampled})
+        mlflow.log_artifact(html_path, artifact_path="drift")
+        mlflow.log_dict(result.as_dict(), "drift/summary.json")
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    return (
+        f"{uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        if uri.startswith("http")
+        else run.info.run_id
+    )
+
+
+def retrain_decision(mlflow_client, name: str, result: drift.DriftResult, hi: pd.Timestamp) -> drift.RetrainDecision:
+    """`drift.should_retrain` with the cooldown read from the registry, the thresholds from settings, and whether a
+    training run of this model is already in flight."""
+    s = get_settings()
+    last = mlflow_client.get_registered_model(name).tags.get(TAG_LAST_RETRAIN)
+    return drift.should_retrain(
+        result,
+        now_event_time=hi,
+        last_retrain_event_time=utc_timestamp(last) if last else None,
+        cooldown=timedelta(days=s.retrain_cooldown_days),
+        min_rows=s.drift_min_rows,
+        in_flight=runs.train_in_flight(name),
+    )
+
+
+@dataclass
+class Retraining:
+    """The retraining a drift check scheduled: its window, and why not when its event could not be sent."""
+
+    start: str
+    end: str
+    error: str | None = None
+
+    @property
+    def scheduled(self) -> bool:
+        return self.error is None
+
+
+def schedule_retraining(
+    mlflow_client, name: str, result: drift.DriftResult, hi: pd.Timestamp, send: Callable[..., object] | None = None
+) -> Retraining:
+    """Send the drift event that retrains on the last `retrain_window_days` before `hi`, then start the cooldown
+    (`send` is `events.request_retraining` unless given).
+
+    The cooldown tag is set only once the event is sent: set before a send that fails, it would block retraining
+    for the whole cooldown with nothing scheduled. An unsent event leaves no tag, so the next check tries again.
+    """
+    start = (hi - pd.Timedelta(days=get_settings().retrain_window_days)).strftime(_EVENT_TIME)
+    end = hi.strftime(_EVENT_TIME)
+    try:
+        (send or events.request_retraining)(name, start, end, result.drift_share)
+    except Exception as exc:  # any failure to send: nothing is scheduled
+        return Retraining(start, end, error=f"{type(exc).__name__}: {exc}")
+    mlflow_client.set_registered_model_tag(name, TAG_LAST_RETRAIN, hi.isoformat())
+    return Retraining(start, end)
+
+
+def verdict(
+    name: str,
+    champion: str,
+    lo,
+    hi,
+    result: drift.DriftResult,
+    decision: drift.RetrainDecision,
+    link: str,
+    retraining: Retraining | None,
+) -> dict:
+    """What the check found and decided, as the flow returns it and the registry keeps it (`last_drift`). A
+    retraining whose event was not sent is no retraining, and the reasons say so."""
+    reasons = list(decision.reasons)
+    if retraining is not None and not retraining.scheduled:
+        reasons.append(f"retraining event not sent ({retraining.error}): no cooldown started, the next check retries")
+    return {
+        "model_name": name, "champion": champion, "window": [str(lo), str(hi)],
+        "dataset_drift": result.dataset_drift, "drift_share": result.drift_share, "rows": result.rows_current,
+        "retrain": decision.retrain and (retraining is None or retraining.scheduled), "reasons": reasons,
+        "report": link, "quality": result.quality, "quality_decay": result.quality_decay,
+    }  # fmt: skip
+
+
+def record_verdict(mlflow_client, name: str, summary: dict) -> None:
+    """The verdict as the registered model's `last_drift` tag (what `flywheel status` shows)."""
+    mlflow_client.set_registered_model_tag(name, TAG_LAST_DRIFT, json.dumps(summary)[:4900])
+
+
+def publish_verdict(name: str, champion: str, result: drift.DriftResult, link: str, reasons: list[str]) -> None:
+    """The verdict as a Prefect markdown artifact of the flow run."""
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(
+        key=f"drift-{slug(name)}",
+        markdown=drift.drift_markdown(result, link) + "\n\n**Retrain:** " + "; ".join(reasons),
+        description=f"Drift check of {name} v{champion}",
+    )

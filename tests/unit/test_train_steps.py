@@ -1,0 +1,47 @@
+"""The train flow's composition without Prefect: `run_train` over `TrainSteps().bare()` (what the orchestration
+benchmark's bare script runs) on a week of the real flights, against a real MLflow registry (SQLite in tmp)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import fields
+
+from flywheel.flows.train import TrainSteps, run_train
+from flywheel.tasks import candidates, gate
+
+WEEK = ("2013-01-01", "2013-01-08")
+
+
+def test_the_bare_steps_are_the_flow_tasks_own_functions():
+    flow_steps, bare = TrainSteps(), TrainSteps().bare()
+    for f in fields(TrainSteps):
+        if f.name in ("compete", "promote"):
+            continue
+        assert getattr(bare, f.name) is getattr(flow_steps, f.name).fn, f.name
+    assert bare.compete is candidates.compete_in_order and flow_steps.compete is candidates.compete
+    assert bare.promote is gate.promote_version and flow_steps.promote is gate.promote
+
+
+def test_the_flows_composition_runs_without_prefect(tmp_path, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        client = MlflowClient(uri)
+        client.create_experiment("flywheel", artifact_location=str(tmp_path / "artifacts"))  # nothing in the cwd
+        logger = logging.getLogger("test.train")
+        first = run_train(TrainSteps().bare(), logger, start=WEEK[0], end=WEEK[1], model_name="bare-model")
+        again = run_train(TrainSteps().bare(), logger, start=WEEK[0], end=WEEK[1], model_name="bare-model")
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+    assert first["status"] == "registered" and first["promoted"], first
+    assert [c["name"] for c in first["candidates"]] == ["hgb"] and first["window"] == WEEK
+    assert again["status"] == "unchanged" and str(again["version"]) == str(first["version"])
+    version = client.get_model_version("bare-model", str(first["version"]))
+    assert version.tags["gate_passed"] == "true" and version.tags["data_window"] == "2013-01-01..2013-01-08"
+    assert client.get_model_version_by_alias("bare-model", "champion").version == version.version
