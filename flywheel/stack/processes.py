@@ -225,7 +225,17 @@ def start_prefect(
 ) -> ManagedProcess:
     _check_port("the Prefect server", host, port)
     prefect_home.mkdir(parents=True, exist_ok=True)
-    full_env: dict[str, str | None] = {"PREFECT_HOME": str(prefect_home), "PREFECT_API_URL": None, **(env or {})}
+    full_env: dict[str, str | None] = {
+        "PREFECT_HOME": str(prefect_home),
+        "PREFECT_API_URL": None,
+        # The UI asks /ui-settings where the API is; Prefect builds that from these settings, not from
+        # `--port`, so without them a UI on another port talks to 127.0.0.1:4200 (or whatever runs there).
+        "PREFECT_SERVER_API_HOST": host,
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_UI_API_URL": f"http://{host}:{port}/api",
+        "PREFECT_UI_URL": f"http://{host}:{port}",
+        **(env or {}),
+    }
     if database_url:
         full_env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     cmd = [bin_path("prefect"), "server", "start", "--host", host, "--port", str(port)]
