@@ -1,5 +1,6 @@
 """`python -m bench [--only serving,drift] [--quick]`: run Flywheel's benchmarks, print their tables, write
-`bench/results/<name>.json` and regenerate `bench/results/latest.md` from every result there."""
+`bench/results/<name>.json` and regenerate `bench/results/latest.md` and the README's benchmark tables
+(bench/readme.py) from every result there."""
 
 from __future__ import annotations
 
@@ -94,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     (args.results_dir / "latest.md").write_text(common.render_markdown(results, machine))
     print(f"wrote latest.md ({len(results)} benchmarks)")
+    if args.results_dir.resolve() == common.RESULTS_DIR.resolve():
+        from bench import readme
+
+        readme.update()  # the README's tables are generated from the same results, never typed
+        print("regenerated the README's benchmark tables")
     return 1 if failed else 0
 
 

@@ -3,7 +3,9 @@
 reference = the sample saved with the champion's training run (found through its lineage, so it follows the
 champion); current = the latest `drift_window_days` of what the model server scored, by the data's own event
 time (or any data source given as `current_uri`). Drift outside the cooldown schedules retraining by emitting
-`flywheel.drift.detected`, which triggers the `train/on-drift` deployment on a rolling window.
+`flywheel.drift.detected`, which triggers the `train/on-drift` deployment on a rolling window. A champion registered
+outside Flywheel has no training sample: the rows it served before the window are its reference (until it has
+served enough, the check says so and decides nothing). A multiclass model's predicted-class mix is checked too.
 """
 
 from __future__ import annotations
@@ -39,9 +41,15 @@ def check_drift(
     client = registry.client()
     champion, reference = monitoring.champion_reference(client, name)
     current, lo, hi = monitoring.load_current(spec, name, current_uri, start, end)
+    if reference is None:  # registered outside Flywheel: what it served itself before the window is the reference
+        reference = monitoring.served_reference(spec, name, champion, lo)
+        if reference is None:
+            return monitoring.no_reference(client, name, champion.version, lo, hi, len(current))
     labels_uri = labels_uri or s.labels_uri
     if labels_uri:
         reference, current = monitoring.with_labels(reference, current, spec, champion, labels_uri)
+    elif spec.task == "multiclass":
+        reference = monitoring.with_predictions(reference, spec, champion)
 
     with tempfile.TemporaryDirectory() as tmp:
         html = Path(tmp) / "drift_report.html"

@@ -51,16 +51,23 @@ def run_train(steps: TrainSteps, logger, **params: Any) -> dict:
 
     df = steps.pull(spec, plan.start, plan.end)
     report = steps.validate(df, spec, settings.min_rows, settings.max_null_share)
-    dhash, code_ver = data.data_hash(df), registry.code_version()
-    logger.info("pulled %d rows from %s [%s, %s), data hash %s", report.rows, spec.source, plan.start, plan.end, dhash)
+    for warning in report.warnings:
+        logger.warning("%s", warning)
+    df = validation.labelled_rows(df, spec)  # rows without a label are neither trained nor evaluated on
+    dhash, code_ver = data.data_hash(df), registry.code_version(plan.model_specs)
+    logger.info(
+        "pulled %d rows from %s [%s, %s), %d without a label left out; data hash %s", report.rows, spec.source,
+        plan.start, plan.end, report.rows_unlabeled, dhash,
+    )  # fmt: skip
     existing = steps.find_existing(name, dhash, plan.params_hash, code_ver)
     if existing is not None:
-        return already_registered(steps, logger, plan, df, existing, dhash, report.rows)
+        return already_registered(steps, logger, plan, df, existing, dhash, report)
     parts = steps.split(df, spec, settings.seed)
     positive = training.positive_label(parts.y_test, spec) if spec.task == "binary" else None
     run_tags = {"flywheel.model_name": name, "flywheel.flow_run_id": str(flow_run.id or "")}
     parent = registry.parent_run(
-        settings.experiment_name, plan.run_name(dhash), run_tags, plan.parent_params(dhash, report.rows),
+        settings.experiment_name, plan.run_name(dhash), run_tags,
+        plan.parent_params(dhash, report.rows_labeled, report.rows_unlabeled),
         opener=steps.open_parent_run, closer=steps.close_run,
     )  # fmt: skip
     with parent as (experiment_id, parent_id, on_close):
@@ -72,29 +79,30 @@ def run_train(steps: TrainSteps, logger, **params: Any) -> dict:
             mark = "  ← best" if r is best else ""
             logger.info("candidate %s: %s %s%s", r.name, plan.metric, r.metrics.get(plan.metric), mark)
         version = steps.log_and_register(
-            name, plan.version_tags(dhash, code_ver, str(flow_run.id or ""), best, results),
-            plan.description(best, results, report.rows), **plan.log_kwargs(df, parts, best, dhash, run_tags, settings),
+            name, plan.version_tags(dhash, code_ver, str(flow_run.id or ""), best, results, report.rows_unlabeled),
+            plan.description(best, results, report.rows_labeled, report.rows_unlabeled),
+            **plan.log_kwargs(df, parts, best, dhash, run_tags, settings),
         )  # fmt: skip
         logger.info("registered %s v%s (%s)", name, version.version, best.model_spec.name)
         on_close.update({"flywheel.best_candidate": best.model_spec.name, "flywheel.best_run_id": best.run_id or "",
                          "flywheel.registered_version": version.version})  # fmt: skip
     summaries = [r.summary() for r in sorted(results, key=lambda r: r is not best)]
     return gate_and_promote(steps, logger, plan, parts, "registered", version.version, best.metrics, dhash,
-                            report.rows, summaries)  # fmt: skip
+                            report, summaries)  # fmt: skip
 
 
-def already_registered(steps: TrainSteps, logger, plan: training_run.TrainingPlan, df, existing, dhash: str, rows: int):
+def already_registered(steps: TrainSteps, logger, plan: training_run.TrainingPlan, df, existing, dhash: str, report):
     """A version with this lineage exists: nothing new when it was gated; else registered by a run that stopped
     before the gate (e.g. MLflow went away), so finish that version's gate and promotion on the same holdout
     instead of registering the same model twice."""
     if registry.TAG_GATE_PASSED in existing.tags:
         logger.info("%s v%s was trained on this data, params and code: nothing new", plan.model_name, existing.version)
         metrics = registry.version_metrics(registry.client(), existing)
-        return plan.result("unchanged", existing.version, False, dhash, rows, metrics)
+        return plan.result("unchanged", existing.version, False, dhash, report, metrics)
     logger.info("%s v%s was registered but never gated: resuming at the gate", plan.model_name, existing.version)
     parts = steps.split(df, plan.spec, get_settings().seed)
     metrics = registry.version_metrics(registry.client(), existing)
-    return gate_and_promote(steps, logger, plan, parts, "resumed", existing.version, metrics, dhash, rows)
+    return gate_and_promote(steps, logger, plan, parts, "resumed", existing.version, metrics, dhash, report)
 
 
 def gate_and_promote(
@@ -106,15 +114,16 @@ def gate_and_promote(
     version: str,
     metrics: dict[str, float],
     dhash: str,
-    rows: int,
+    report: validation.ValidationReport,
     summaries: list[dict] | None = None,
 ) -> dict:
-    """Gate the version against the champion on this holdout, promote it as the gate decides, and say so."""
-    thresholds = gating.thresholds_from_settings()
-    decision = steps.gate(metrics, plan.model_name, parts.X_test, parts.y_test, plan.spec, thresholds)
+    """Gate the version against the trivial baseline and the champion on this holdout, promote it as the gate
+    decides, and say so."""
+    thresholds = gating.thresholds_from_settings(plan.spec)
+    decision = steps.gate(metrics, plan.model_name, parts, plan.spec, thresholds)
     promoted = steps.promote(plan.model_name, version, decision)
     logger.info("gate %s: %s", "passed" if promoted else "failed", "; ".join(decision.reasons))
-    return plan.result(status, version, promoted, dhash, rows, metrics, decision.as_dict(), summaries)
+    return plan.result(status, version, promoted, dhash, report, metrics, decision.as_dict(), summaries)
 
 
 @flow(name="train", log_prints=True)

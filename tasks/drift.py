@@ -41,7 +41,8 @@ DEFAULT_DRIFT_SHARE = 0.55
 DEFAULT_SAMPLE_CAP = 50_000
 MIN_SAMPLE_CAP = 5_000
 DEFAULT_MIN_ROWS = 500
-# Relative fall of the primary quality metric (f1 for binary, rmse rise for regression) that counts as decay.
+# Relative fall of the primary quality metric (f1 for binary, macro f1 for multiclass, rmse rise for regression) that
+# counts as decay.
 DEFAULT_MAX_QUALITY_DECAY = 0.10
 
 # Stat tests whose score is a distance (drift if score >= threshold); every other Evidently test reports a
@@ -66,6 +67,9 @@ _QUALITY_NAMES = {
     "AbsMaxError": "abs_max_error",
 }
 _LOWER_IS_BETTER = {"log_loss", "fpr", "fnr", "rmse", "mae", "mape", "abs_max_error"}
+# Evidently averages a multiclass model's F1, precision and recall over the classes (macro): named as the training
+# run's metrics are (tasks/evaluation.py).
+_MULTICLASS_NAMES = {"f1": "f1_macro", "precision": "precision_macro", "recall": "recall_macro"}
 
 
 class DriftDataError(ValueError):
@@ -106,7 +110,7 @@ class DriftResult:
     sampled: bool
     sample_cap: int
     quality: dict[str, dict[str, float]] | None = None  # {"reference": {...}, "current": {...}} with labels
-    quality_metric: str | None = None  # the metric quality decay is read from (f1 / rmse)
+    quality_metric: str | None = None  # the metric quality decay is read from (f1 / f1_macro / rmse)
     quality_decay: float | None = None  # relative worsening of quality_metric, current vs reference
     html_path: str | None = None
     seconds: float = 0.0
@@ -226,10 +230,12 @@ def _label_config(
         return None, None
     if not all(c in f.columns for c in (target, prediction) for f in (reference, current)):
         return None, None
-    from evidently import BinaryClassification, Regression
+    from evidently import BinaryClassification, MulticlassClassification, Regression
 
     if task_type == "regression":
         return "regression", Regression(target=target, prediction=prediction)
+    if task_type == "multiclass":  # predicted labels; Evidently's F1, precision and recall are then macro averages
+        return "classification", MulticlassClassification(target=target, prediction_labels=prediction)
     pred = pd.concat([reference[prediction], current[prediction]]).dropna()
     is_proba = (
         _is_numeric(pred)
@@ -239,6 +245,22 @@ def _label_config(
     )
     kwargs = {"prediction_probas": prediction} if is_proba else {"prediction_labels": prediction}
     return "classification", BinaryClassification(target=target, pos_label=pos_label, **kwargs)
+
+
+def class_labels(series: pd.Series) -> pd.Series:
+    """Class labels as text, the same on both sides whatever the source's dtype (labels read from a CSV with a gap
+    come as floats, predictions as ints: 2.0 and 2 are both "2"); missing values stay missing."""
+    values = series
+    if _is_numeric(series):
+        known = series.dropna()
+        if len(known) and (known == known.round()).all():
+            values = series.astype("Int64")
+    return values.astype(str).astype(object).where(series.notna(), None)
+
+
+def _with_class_labels(frame: pd.DataFrame, columns: Iterable[str | None]) -> pd.DataFrame:
+    present = [c for c in dict.fromkeys(columns) if c and c in frame.columns]
+    return frame.assign(**{c: class_labels(frame[c]) for c in present}) if present else frame
 
 
 def _quality(snapshot, dump: dict) -> dict[str, dict[str, float]]:
@@ -334,6 +356,11 @@ def compute_drift(
     `categorical`). Both frames are sampled to at most `sample_cap` rows each (seeded). With `target` and
     `prediction` present in both frames, a Classification/RegressionPreset adds quality metrics. With
     `html_path`, Evidently's self-contained HTML report is written there.
+
+    `task="multiclass"`: the `prediction` column, when both frames have it, is also a (categorical) drift column
+    — the distribution of predicted classes — and with labels the quality is Evidently's multiclass
+    classification (`f1_macro`, `precision_macro`, `recall_macro`, `accuracy`; decay read from `f1_macro`); labels
+    and predictions are compared as text.
     """
     if sample_cap < MIN_SAMPLE_CAP:
         raise ValueError(
@@ -346,8 +373,12 @@ def compute_drift(
     if not columns:
         raise ValueError("no columns to check for drift")
     started = time.perf_counter()
-    _validate(reference, columns, 1, "reference")
     forced_cat = set(categorical or ())
+    multiclass = task == "multiclass"
+    if multiclass and prediction and all(isinstance(f, pd.DataFrame) and prediction in f for f in (reference, current)):
+        columns = [*columns, prediction] if prediction not in columns else columns  # the predicted-class mix
+        forced_cat.add(prediction)
+    _validate(reference, columns, 1, "reference")
     numerical = [c for c in columns if c not in forced_cat and _is_numeric(reference[c])]
     cats = [c for c in columns if c not in numerical]
     _validate(current, columns, min_rows, "current", numeric=set(numerical))
@@ -358,12 +389,15 @@ def compute_drift(
 
     label_kind, label_def = _label_config(reference, current, target, prediction, task, pos_label)
     notes: list[str] = []
-    if (target or prediction) and not label_kind:
+    if (target or (prediction and not multiclass)) and not label_kind:
         notes.append(f"no quality metrics: target {target!r} and prediction {prediction!r} are not in both frames")
     extra = [target, prediction] if label_kind else []
     extra = [c for c in dict.fromkeys(extra) if c not in columns]
-    ref = _prepare(sample_rows(reference, sample_cap, seed), numerical, cats, extra)
-    cur = _prepare(sample_rows(current, sample_cap, seed + 1), numerical, cats, extra)
+    ref_rows, cur_rows = sample_rows(reference, sample_cap, seed), sample_rows(current, sample_cap, seed + 1)
+    if multiclass:
+        ref_rows, cur_rows = (_with_class_labels(f, (target, prediction)) for f in (ref_rows, cur_rows))
+    ref = _prepare(ref_rows, numerical, cats, extra)
+    cur = _prepare(cur_rows, numerical, cats, extra)
 
     definition_kwargs: dict[str, Any] = {"numerical_columns": numerical, "categorical_columns": cats}
     presets: list[Any] = [DataDriftPreset(columns=columns, drift_share=drift_share)]
@@ -397,6 +431,10 @@ def compute_drift(
     if label_kind:
         quality = _quality(snapshot, dump)
         quality_metric = "rmse" if label_kind == "regression" else "f1"
+        if multiclass:
+            quality = {side: {_MULTICLASS_NAMES.get(k, k): v for k, v in values.items()}
+                       for side, values in quality.items()}  # fmt: skip
+            quality_metric = _MULTICLASS_NAMES["f1"]
         decay = _decay(quality, quality_metric)
 
     written = None

@@ -1,4 +1,5 @@
-"""Evaluation: holdout metrics for a fitted model, and the confusion-matrix picture."""
+"""Evaluation: holdout metrics for a fitted model, the trivial baseline's on the same holdout, and the
+confusion-matrix picture."""
 
 from __future__ import annotations
 
@@ -10,14 +11,56 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from sklearn import metrics as skm
 
+from flywheel.core.names import slug
 from flywheel.core.spec import DatasetSpec
 
-# Metrics where a larger value is better; the others (rmse, mae) are better when smaller.
-HIGHER_IS_BETTER = {"accuracy", "precision", "recall", "f1", "roc_auc", "r2"}
+# Metrics where a larger value is better; the others (rmse, mae) are better when smaller. Multiclass per-class
+# metrics (`precision_<class>`, `recall_<class>`) are scores too, but no gate or selection ranks on them.
+HIGHER_IS_BETTER = {
+    "accuracy", "precision", "recall", "f1", "roc_auc", "r2", "f1_macro", "f1_weighted", "roc_auc_ovr",
+}  # fmt: skip
+PRIMARY_METRIC = {"binary": "f1", "multiclass": "f1_macro", "regression": "rmse"}
 
 
 def primary_metric(task: str) -> str:
-    return "f1" if task == "binary" else "rmse"
+    """The metric the gate compares: F1 of the positive class, macro F1 over the classes, RMSE."""
+    return PRIMARY_METRIC[task]
+
+
+def class_keys(classes: Any) -> dict[Any, str]:
+    """Each class label as the tail of a valid MLflow metric key (`precision_<key>`): slugged, lower-case, made
+    unique with a numeric suffix when two labels slug alike ('a b' and 'a-b')."""
+    keys: dict[Any, str] = {}
+    taken: set[str] = set()
+    for c in classes:
+        base = slug(str(c), keep="_.", fill="_", default="class")
+        key, n = base, 2
+        while key in taken:
+            key, n = f"{base}_{n}", n + 1
+        keys[c] = key
+        taken.add(key)
+    return keys
+
+
+def multiclass_metrics(y_true: pd.Series, y_pred: Any, proba: Any | None, classes: Any | None) -> dict[str, float]:
+    """Accuracy, macro and weighted F1, one-vs-rest ROC-AUC when probabilities for every class present are given,
+    and precision and recall per class (`precision_<class>`, `recall_<class>`) over the classes of either side."""
+    labels = sorted(set(pd.unique(pd.Series(y_true))) | set(pd.unique(pd.Series(np.asarray(y_pred)))), key=str)
+    out = {
+        "accuracy": skm.accuracy_score(y_true, y_pred),
+        "f1_macro": skm.f1_score(y_true, y_pred, average="macro", labels=labels, zero_division=0),
+        "f1_weighted": skm.f1_score(y_true, y_pred, average="weighted", labels=labels, zero_division=0),
+    }
+    if proba is not None and classes is not None and set(pd.unique(y_true)) <= set(classes) and len(classes) > 2:
+        try:
+            out["roc_auc_ovr"] = skm.roc_auc_score(y_true, proba, multi_class="ovr", labels=list(classes))
+        except ValueError:  # a class of the model's absent from this holdout: no one-vs-rest AUC for it
+            pass
+    precision = skm.precision_score(y_true, y_pred, average=None, labels=labels, zero_division=0)
+    recall = skm.recall_score(y_true, y_pred, average=None, labels=labels, zero_division=0)
+    for key, p, r in zip(class_keys(labels).values(), precision, recall, strict=True):
+        out[f"precision_{key}"], out[f"recall_{key}"] = p, r
+    return {k: round(float(v), 6) for k, v in out.items()}
 
 
 def classification_metrics(y_true: pd.Series, y_pred: Any, y_score: Any | None, positive: Any) -> dict[str, float]:
@@ -54,12 +97,36 @@ def positive_scores(model: Any, X: pd.DataFrame, positive: Any) -> np.ndarray | 
 def evaluate_model(
     model: Any, X: pd.DataFrame, y: pd.Series, spec: DatasetSpec, positive: Any = None
 ) -> dict[str, float]:
-    """Holdout metrics: accuracy/precision/recall/F1/ROC-AUC for binary, RMSE/MAE/R² for regression."""
+    """Holdout metrics: accuracy/precision/recall/F1/ROC-AUC for binary; accuracy, macro and weighted F1 and
+    per-class precision and recall for multiclass; RMSE/MAE/R² for regression."""
     y_pred = model.predict(X)
     if spec.task == "regression":
         return regression_metrics(y, y_pred)
+    if spec.task == "multiclass":
+        proba = model.predict_proba(X) if hasattr(model, "predict_proba") else None
+        return multiclass_metrics(y, y_pred, proba, getattr(model, "classes_", None))
     positive = spec.positive_class if positive is None else positive
     return classification_metrics(y, y_pred, positive_scores(model, X, positive), positive)
+
+
+BASELINE_NAMES = {"binary": "majority class", "multiclass": "majority class", "regression": "mean"}
+
+
+def baseline_model(task: str) -> Any:
+    """The trivial model a candidate must beat: the majority class, with the class shares as its probabilities
+    (so ROC-AUC 0.5), for classification; the training mean for regression. It ignores the features."""
+    from sklearn.dummy import DummyClassifier, DummyRegressor
+
+    return DummyRegressor(strategy="mean") if task == "regression" else DummyClassifier(strategy="prior")
+
+
+def baseline_metrics(
+    X_train: pd.DataFrame, y_train: pd.Series, X_test: pd.DataFrame, y_test: pd.Series, spec: DatasetSpec,
+    positive: Any = None,
+) -> dict[str, float]:  # fmt: skip
+    """The trivial baseline fitted on the training split and scored on the same holdout as the candidate."""
+    model = baseline_model(spec.task).fit(X_train, y_train)
+    return evaluate_model(model, X_test, y_test, spec, positive)
 
 
 def confusion_figure(model: Any, X: pd.DataFrame, y: pd.Series, title: str = "Holdout confusion matrix"):

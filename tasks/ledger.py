@@ -36,6 +36,8 @@ class DeploymentRecord:
     context: str | None = None
     image: str | None = None
     container: str | None = None  # docker target: the container that predicts for this version
+    engine: str | None = None  # what predicts: onnxruntime (the compiled model) or pyfunc
+    engine_reason: str | None = None  # why, e.g. "compiled: no (2 of 5000 labels differ)"
     outcome: str = "pending"  # serving | failed-smoke | rolled-back-live | failed | superseded
     reason: str = ""
 
@@ -68,6 +70,9 @@ def record_in_registry(mlflow_client, rec: DeploymentRecord) -> None:
     }
     if rec.container:
         fields["container"] = rec.container
+    if rec.engine:
+        fields["engine"] = rec.engine
+        fields["engine_reason"] = (rec.engine_reason or "")[:4000]
     if rec.reason:
         fields["reason"] = rec.reason[:4000]
     fields["outcome"] = fields.pop("outcome")  # written last: a reader that sees it sees the rest

@@ -37,11 +37,60 @@ def serving_log_dir() -> Path | str:
 
 
 def champion_reference(mlflow_client, name: str):
-    """(champion version, the training sample saved with it): what the current data is compared with."""
+    """(champion version, the training sample saved with it): what the current data is compared with. The sample
+    is None for a champion registered outside Flywheel (see `served_reference`)."""
     champion = registry.get_alias_version(mlflow_client, name, registry.CHAMPION)
     if champion is None:
         raise DriftCheckError(f"{name} has no champion: nothing to check drift against")
-    return champion, registry.load_reference_sample(mlflow_client, champion)
+    return champion, registry.find_sample(mlflow_client, champion, registry.REFERENCE_ARTIFACT)
+
+
+def served_reference(spec: DatasetSpec, model_name: str, champion, before) -> pd.DataFrame | None:
+    """For a champion with no training sample (registered outside Flywheel): the rows it served itself before the
+    checked window, as the request log holds them (prediction included); None while that is fewer than
+    FLYWHEEL_DRIFT_MIN_ROWS rows."""
+    from flywheel.tasks.request_log import read_request_log
+
+    frame = read_request_log(serving_log_dir(), model_name)
+    if frame.empty:
+        return None
+    frame = frame.loc[frame["model_version"].astype(str) == str(champion.version)]
+    time_col = spec.event_time if spec.event_time and spec.event_time in frame.columns else "timestamp"
+    frame = frame.loc[to_utc(frame[time_col]) < utc_timestamp(before)].reset_index(drop=True)
+    return frame if len(frame) >= get_settings().drift_min_rows else None
+
+
+def monitored_columns(spec: DatasetSpec, reference: pd.DataFrame, current: pd.DataFrame) -> list[str]:
+    """The spec's drift columns; for a served reference (a champion registered outside Flywheel) that lacks some
+    of them, the input columns both sides have instead (not the request log's own, the target, the event time
+    or `drift_exclude`)."""
+    from flywheel.tasks.request_log import META_COLUMNS
+
+    columns = drift.drift_columns(spec)
+    if "request_id" not in reference.columns or all(c in reference.columns for c in columns):
+        return columns
+    skip = {*META_COLUMNS, spec.target, spec.event_time, *spec.drift_exclude}
+    return [c for c in reference.columns if c in current.columns and c not in skip and not c.startswith(PREDICTION)]
+
+
+def no_reference(mlflow_client, name: str, champion: str, lo, hi, rows: int) -> dict:
+    """The verdict when there is nothing to compare with yet — a champion registered outside Flywheel (no training
+    sample) that has not served enough rows before the window: no drift, no retraining, and why."""
+    from prefect.artifacts import create_markdown_artifact
+
+    why = (
+        f"not checked: v{champion} has no training sample (registered outside Flywheel) and served fewer than "
+        f"{get_settings().drift_min_rows} rows before {lo}; it is compared with its own served rows once it has"
+    )
+    summary = {
+        "model_name": name, "champion": champion, "window": [str(lo), str(hi)], "dataset_drift": False,
+        "drift_share": None, "rows": rows, "retrain": False, "reasons": [why], "report": None, "quality": None,
+        "quality_decay": None,
+    }  # fmt: skip
+    record_verdict(mlflow_client, name, summary)
+    create_markdown_artifact(key=f"drift-{slug(name)}", markdown=f"# Data drift: not checked\n\n{why}",
+                             description=f"Drift check of {name} v{champion}")  # fmt: skip
+    return summary
 
 
 @task(name="load-current-data", cache_policy=NO_CACHE)
@@ -70,38 +119,61 @@ def load_current(spec: DatasetSpec, model_name: str, current_uri: str | None, st
     return window, lo, hi
 
 
+def champion_predictions(reference: pd.DataFrame, spec: DatasetSpec, champion) -> pd.DataFrame:
+    """The reference with the champion's own predictions on it (a served reference already has them)."""
+    if PREDICTION in reference.columns:
+        return reference
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(f"models:/{champion.name}/{champion.version}")
+    features = reference[spec.features].astype({c: "float64" for c in spec.numeric})  # as the model was trained
+    return reference.assign(**{PREDICTION: list(model.predict(features))})
+
+
+@task(name="predict-reference", cache_policy=NO_CACHE)
+def with_predictions(reference: pd.DataFrame, spec: DatasetSpec, champion) -> pd.DataFrame:
+    """The champion's predictions on its reference sample: a multiclass model's predicted-class mix drifts too."""
+    return champion_predictions(reference, spec, champion)
+
+
+def _join_labels(frame: pd.DataFrame, labels: pd.DataFrame, target: str, which: str, labels_uri: str):
+    if "request_id" not in frame.columns or PREDICTION not in frame.columns:
+        raise drift.DriftDataError(f"{which} data has no request_id/prediction columns to join labels to")
+    joined = frame.drop(columns=[target], errors="ignore").merge(labels, on="request_id", how="inner")
+    if joined.empty:
+        raise drift.DriftDataError(f"no label in {labels_uri} matches a served request id in the {which} window")
+    return joined
+
+
 @task(name="join-labels", cache_policy=NO_CACHE)
 def with_labels(reference: pd.DataFrame, current: pd.DataFrame, spec: DatasetSpec, champion, labels_uri: str):
     """Served rows that have a label (joined by request id), and the champion's own predictions on its reference
-    sample, so Evidently compares its quality then and now."""
-    import mlflow
-
+    sample, so Evidently compares its quality then and now. A served reference (a champion registered outside
+    Flywheel) gets its labels by request id too."""
     labels = data.read_source(labels_uri)
     missing = {"request_id", spec.target} - set(labels.columns)
     if missing:
         raise drift.DriftDataError(f"labels at {labels_uri} lack column(s) {sorted(missing)}")
-    if "request_id" not in current.columns or PREDICTION not in current.columns:
-        raise drift.DriftDataError("current data has no request_id/prediction columns to join labels to")
     labels = labels[["request_id", spec.target]].drop_duplicates("request_id", keep="last")
-    joined = current.drop(columns=[spec.target], errors="ignore").merge(labels, on="request_id", how="inner")
-    if joined.empty:
-        raise drift.DriftDataError(f"no label in {labels_uri} matches a served request id in the window")
-    model = mlflow.pyfunc.load_model(f"models:/{champion.name}/{champion.version}")
-    features = reference[spec.features].astype({c: "float64" for c in spec.numeric})  # as the model was trained
-    reference = reference.assign(**{PREDICTION: list(model.predict(features))})
-    return reference, joined
+    joined = _join_labels(current, labels, spec.target, "current", labels_uri)
+    if spec.target not in reference.columns:
+        reference = _join_labels(reference, labels, spec.target, "reference", labels_uri)
+    return champion_predictions(reference, spec, champion), joined
 
 
 def measure_drift(
     reference: pd.DataFrame, current: pd.DataFrame, spec: DatasetSpec, html_path: Path, labelled: bool
 ) -> drift.DriftResult:
-    """Evidently on the spec's drift columns with the configured thresholds; quality too when `labelled`."""
+    """Evidently on the spec's drift columns with the configured thresholds; quality too when `labelled`. For a
+    multiclass model the predicted class is a drift column as well (when the reference carries the champion's
+    predictions, see `with_predictions`)."""
     s = get_settings()
+    predicted = labelled or spec.task == "multiclass"
     return drift.compute_drift(
-        reference, current, drift.drift_columns(spec), drift_share=s.drift_share, sample_cap=s.drift_sample_cap,
-        seed=s.seed, min_rows=s.drift_min_rows, html_path=html_path, categorical=spec.categorical,
-        target=spec.target if labelled else None, prediction=PREDICTION if labelled else None, task=spec.task,
-        pos_label=spec.positive_class,
+        reference, current, monitored_columns(spec, reference, current), drift_share=s.drift_share,
+        sample_cap=s.drift_sample_cap, seed=s.seed, min_rows=s.drift_min_rows, html_path=html_path,
+        categorical=spec.categorical, target=spec.target if labelled else None,
+        prediction=PREDICTION if predicted else None, task=spec.task, pos_label=spec.positive_class,
     )  # fmt: skip
 
 

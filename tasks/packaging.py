@@ -1,12 +1,17 @@
-"""Packaging: a Docker build context for a registered version, and an image where an engine is reachable.
+"""Packaging: a Docker build context for a registered version, an image where an engine is reachable, and the
+version compiled to ONNX.
 
 The build context comes from MLflow's own generator (the same Dockerfile `mlflow models build-docker` uses).
 Where no Docker-compatible engine answers, we say so and record no image: nothing pretends an image exists.
+Compiling (flywheel.tasks.compiling) keeps the compiled model and its parity result with the version's run, so any
+model server that loads the version serves it compiled — or through pyfunc, with the reason, when conversion or
+parity failed or `FLYWHEEL_COMPILE_MODELS` is off. A compilation that fails never fails the packaging.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +31,7 @@ class Package:
     image_tag: str
     image_id: str | None
     engine: str  # "docker" or a sentence saying why no image was built
+    compiled: str = ""  # the compile verdict: "compiled: yes (…)", "compiled: no (…)" or "compiled: off (…)"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -86,11 +92,28 @@ def build_image(context: Path, tag: str, digest: str) -> tuple[str | None, str]:
     return image.id, "docker"
 
 
-def package_version(model_name: str, version: str, work_dir: Path, build: bool = True) -> Package:
+def compile_for_serving(model_name: str, version: str, enabled: bool | None = None) -> str:
+    """Compile the version to ONNX and keep it with its run (flywheel.tasks.compiling); the verdict. Never raises:
+    a failure to compile means the version serves through pyfunc, and the verdict says why."""
+    from flywheel.core.settings import get_settings
+    from flywheel.tasks import compiling, registry
+
+    enabled = get_settings().compile_models if enabled is None else enabled
+    try:
+        return compiling.compile_version(registry.client(), model_name, str(version), enabled=enabled).reason
+    except Exception as exc:  # the registry or the artefact store failing: serve pyfunc, say why
+        logging.getLogger("flywheel.packaging").warning("compiling %s v%s failed: %s", model_name, version, exc)
+        return f"compiled: no (compilation failed: {type(exc).__name__}: {str(exc)[:300]})"
+
+
+def package_version(
+    model_name: str, version: str, work_dir: Path, build: bool = True, compile_model: bool | None = None
+) -> Package:
     context = build_context(model_name, version, work_dir / f"{model_name}-v{version}")
     tag, digest = image_tag(model_name, version), digest_dir(context)
     image_id, engine = build_image(context, tag, digest) if build else (None, "image build disabled")
-    return Package(model_name, str(version), str(context), digest, tag, image_id, engine)
+    compiled = compile_for_serving(model_name, version, compile_model)
+    return Package(model_name, str(version), str(context), digest, tag, image_id, engine, compiled)
 
 
 @task(name="package-model", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 5])
@@ -103,4 +126,5 @@ def package(model_name: str, version: str, work_dir: str, build: bool = True) ->
         logger.info("built image %s (%s)", pkg.image_tag, pkg.image_id)
     else:
         logger.warning("%s v%s: %s; build context at %s", model_name, version, pkg.engine, pkg.context_dir)
+    logger.info("%s v%s %s", model_name, version, pkg.compiled)
     return pkg

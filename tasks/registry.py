@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,14 +76,18 @@ def check_tracking_server(tracking_uri: str, timeout: float = 5.0) -> None:
         raise RegistryUnavailableError(f"MLflow tracking server {tracking_uri} answered {resp.status_code} on /health")
 
 
-def code_version() -> str:
-    """A hash of the pipeline's own source (tasks/ and flows/): same code → same version, git or not."""
+def code_version(model_specs: Sequence[Any] = ()) -> str:
+    """A hash of the pipeline's own source (tasks/ and flows/) and of the user's code the candidates `model_specs`
+    run (a factory's module, an estimator class of their own: `ModelSpec.user_code`): same code → same version, git
+    or not. Candidates of scikit-learn or installed libraries only add nothing to it."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
     for sub in _SOURCE_ROOTS:
         for path in sorted((root / sub).glob("*.py")):
             h.update(path.name.encode())
             h.update(path.read_bytes())
+    for digest in sorted({d for d in (m.user_code().digest() for m in model_specs) if d}):
+        h.update(digest.encode())
     return h.hexdigest()[:12]
 
 
@@ -126,11 +130,79 @@ def ensure_registered_model(mlflow_client, model_name: str, description: str = "
             raise
 
 
-def pip_requirements() -> list[str]:
-    """Explicit requirements (MLflow's inference of them costs ~9 s a model)."""
+def pip_requirements(model: Any = None, extra: Sequence[str] = ()) -> list[str]:
+    """Explicit requirements (MLflow's inference of them costs ~9 s a model): Flywheel's base set, then `extra`
+    and the installed distributions the model's parts come from (LightGBM, XGBoost), pinned."""
     from importlib.metadata import version
 
-    return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "scikit-learn", "pandas", "numpy", "skops", "scipy")]
+    from flywheel.tasks.user_code import requirements_of_modules
+
+    base = [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "scikit-learn", "pandas", "numpy", "skops", "scipy")]
+    found = [*extra, *(requirements_of_modules(_component_modules(model)) if model is not None else [])]
+    names = {r.partition("==")[0].lower() for r in base}
+    for req in found:
+        if req.partition("==")[0].lower() not in names:
+            names.add(req.partition("==")[0].lower())
+            base.append(req)
+    return base
+
+
+def _component_modules(model: Any) -> set[str]:
+    """The top-level modules of the classes and functions a (fitted) estimator is made of, through its
+    parameters: a pipeline's steps, a column transformer's transformers, a FunctionTransformer's function."""
+    import inspect
+
+    tops: set[str] = set()
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if inspect.isclass(obj) or inspect.isroutine(obj):
+            tops.add((getattr(obj, "__module__", None) or "builtins").partition(".")[0])
+            continue
+        tops.add(type(obj).__module__.partition(".")[0])
+        if isinstance(obj, list | tuple):
+            stack.extend(obj)
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif callable(getattr(obj, "get_params", None)):
+            try:
+                stack.extend(obj.get_params(deep=False).values())
+            except Exception:  # an estimator whose get_params fails tells us nothing more
+                pass
+    return tops
+
+
+def model_storage(model: Any, model_spec: Any) -> dict[str, Any]:
+    """The `log_model` arguments saying how a candidate is stored and what it needs to load: the user's code the
+    spec runs as `code_paths` (MLflow puts them on sys.path when it loads the model, `mlflow models serve` too),
+    its serialisation and its pinned pip requirements."""
+    from flywheel.tasks.user_code import pinned
+
+    code = model_spec.user_code()
+    stored = serialization(model, code)
+    pickler = [pinned("cloudpickle")] if stored["serialization_format"] == "cloudpickle" else []
+    return {
+        "pip_requirements": pip_requirements(model, [*code.requirements, *pickler]),
+        "code_paths": [str(p) for p in code.paths] or None,
+        **stored,
+    }
+
+
+def serialization(model: Any, code: Any) -> dict[str, Any]:
+    """How `log_model` stores the model. With the user's own code (`code.paths`: a factory's functions, their own
+    classes) cloudpickle, which stores those by reference to the modules logged beside the model as `code_paths`
+    (skops cannot store a lambda or a closure, and would only be told to trust the user's types anyway); else skops
+    (MLflow 3's default) with the model's types trusted, or cloudpickle for a model skops cannot store."""
+    if not code.paths:
+        try:
+            return {"serialization_format": "skops", "skops_trusted_types": trusted_types(model)}
+        except Exception:  # skops refuses some objects (a lambda, a closure): cloudpickle stores anything
+            pass
+    return {"serialization_format": "cloudpickle"}
 
 
 def trusted_types(model: Any) -> list[str]:
@@ -200,6 +272,22 @@ def end_run(mlflow_client, run_id: str, status: str = "FINISHED") -> None:
     mlflow_client.set_terminated(run_id, status=status)
 
 
+def raw_rows_signature(inferred: Any) -> Any:
+    """The logged model's signature, from the one MLflow infers on raw rows: every feature column by name and
+    required (a missing value in it is fine; the column itself is needed), text columns `string` and every other
+    column `Any`. MLflow's schema enforcement turns no int64 into double and no float (an integer column with a
+    missing value) into long, so no numeric type takes a user's raw rows; the model's first step
+    (`raw_input_step`) reads those columns as numbers itself. Extra columns are ignored, as MLflow ignores them."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, DataType, Schema
+
+    inputs = [
+        ColSpec(DataType.string if col.type == DataType.string else AnyType(), col.name, required=True)
+        for col in inferred.inputs.inputs
+    ]
+    return ModelSignature(inputs=Schema(inputs), outputs=inferred.outputs, params=inferred.params)
+
+
 @dataclass
 class LoggedCandidate:
     run_id: str
@@ -236,6 +324,7 @@ def log_candidate(
     from mlflow.models import infer_signature
 
     configure_client_retries()
+    storage = model_storage(model, model_spec)  # before the run: a model that cannot be stored opens none
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags) as run:
         if run_id is None:
@@ -252,14 +341,13 @@ def log_candidate(
                 path = Path(tmp) / Path(artifact).name
                 frame.to_parquet(path, index=False)
                 mlflow.log_artifact(str(path), artifact_path=str(Path(artifact).parent))
-        signature = infer_signature(X_example, model.predict(X_example))
+        signature = raw_rows_signature(infer_signature(X_example, model.predict(X_example)))
         info = mlflow.sklearn.log_model(
             model,
             name="model",
             signature=signature,
             input_example=X_example.head(3),
-            pip_requirements=pip_requirements(),
-            skops_trusted_types=trusted_types(model),
+            **storage,
         )
         return LoggedCandidate(
             run_id=run.info.run_id, model_uri=info.model_uri, model_id=getattr(info, "model_id", None)
@@ -310,6 +398,80 @@ def load_reference_sample(mlflow_client, version: Any, artifact: str = REFERENCE
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow_client.download_artifacts(version.run_id, artifact, tmp)
         return pd.read_parquet(local)
+
+
+def has_run_artifact(mlflow_client, run_id: str | None, artifact: str) -> bool:
+    """Whether the run holds `artifact` (a file path inside its artifacts). A version logged outside Flywheel has
+    no holdout or training sample, and one logged with no active run (a notebook's `log_model(...,
+    registered_model_name=...)`) has no run at all."""
+    if not run_id:
+        return False
+    from mlflow.exceptions import MlflowException
+
+    parent = str(Path(artifact).parent)
+    try:
+        listed = mlflow_client.list_artifacts(run_id, None if parent == "." else parent)
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code):  # the version's run was deleted
+            return False
+        raise
+    return any(f.path == artifact for f in listed)
+
+
+def find_sample(mlflow_client, version: Any, artifact: str = HOLDOUT_ARTIFACT) -> pd.DataFrame | None:
+    """The sample Flywheel saved with a version's run, or None when the version has none (not an error: a version
+    registered outside Flywheel carries none of its artefacts)."""
+    if not has_run_artifact(mlflow_client, version.run_id, artifact):
+        return None
+    return load_reference_sample(mlflow_client, version, artifact)
+
+
+@dataclass
+class ModelInputs:
+    """What a registered version says about its own input: the signature's column names (None without a
+    column-based signature) and its saved input example as a frame (None without one)."""
+
+    columns: list[str] | None
+    example: pd.DataFrame | None
+
+
+def model_inputs(model_name: str, version: str) -> ModelInputs:
+    """The version's signature columns and input example, read from its MLmodel (no Flywheel tag needed)."""
+    from mlflow.models import Model
+
+    uri = f"models:/{model_name}/{version}"
+    meta = Model.load(uri)
+    schema = meta.signature.inputs if meta.signature is not None else None
+    columns = schema.input_names() if schema is not None and schema.has_input_names() else None
+    example = meta.load_input_example(uri) if meta.saved_input_example_info else None
+    return ModelInputs(columns=columns, example=_as_frame(example, columns))
+
+
+def _as_frame(example: Any, columns: list[str] | None) -> pd.DataFrame | None:
+    """An input example as a frame: a DataFrame as is, a dict of columns or a list of records, a 2-D array with
+    the signature's column names; None for anything else (tensors, text)."""
+    import numpy as np
+
+    if example is None or isinstance(example, pd.DataFrame):
+        return example
+    try:
+        if isinstance(example, dict):
+            scalar = all(np.ndim(v) == 0 for v in example.values())
+            return pd.DataFrame([example] if scalar else example)
+        if isinstance(example, list) and example and all(isinstance(r, dict) for r in example):
+            return pd.DataFrame.from_records(example)
+        arr = np.asarray(example)
+        if arr.ndim == 2 and columns and arr.shape[1] == len(columns):
+            return pd.DataFrame(arr, columns=columns)
+    except (ValueError, TypeError):
+        return None
+    return None
+
+
+def is_flywheel_version(version: Any) -> bool:
+    """Whether a version was registered by Flywheel's train flow (it carries the lineage tags)."""
+    tags = getattr(version, "tags", None) or {}
+    return TAG_DATA_HASH in tags and TAG_CODE_VERSION in tags
 
 
 def reasons_tag(reasons: list[str]) -> str:

@@ -4,6 +4,9 @@ watch, and moving the alias back when the version does not stay."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -11,7 +14,13 @@ from flywheel.core.settings import Settings, get_settings
 from flywheel.tasks import events, ledger, locks, registry, serving
 from flywheel.tasks.packaging import package
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 WATCHED_ALIASES = (registry.CHAMPION, registry.CHALLENGER)
+SMOKE_ROWS = 200
+# Where a smoke test's rows come from: (what they are, a reader giving a frame or None), tried in order.
+SmokeSource = tuple[str, Callable[[], "pd.DataFrame | None"]]
 
 
 def target_for(alias: str) -> serving.LocalTarget:
@@ -58,18 +67,117 @@ def resolve_version(name: str, version: str, alias: str, trigger: str) -> tuple[
     return str(version), f"'{alias}' points at v{version}"
 
 
-@task(name="smoke-test", cache_policy=NO_CACHE)
-def smoke_test(target: serving.LocalTarget, name: str, version: str) -> serving.SmokeResult:
-    """Predictions on the version's own held-out sample, on the standby slot, before any traffic moves."""
-    from mlflow.models import get_model_info
+def _logger():
+    """The run's logger inside Prefect, the module's outside (plain calls in tests)."""
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        import logging
+
+        return logging.getLogger(__name__)
+
+
+def first_input(sources: Iterable[SmokeSource]) -> tuple[str, pd.DataFrame | None, list[str]]:
+    """(what, rows, what was looked for and not found) of the first source that gives rows; later sources are
+    never read. `rows` is None when none does."""
+    missing: list[str] = []
+    for what, read in sources:
+        frame = read()
+        if frame is not None and len(frame) > 0:
+            return what, frame, missing
+        missing.append(what)
+    return "", None, missing
+
+
+def served_rows(name: str, rows: int = SMOKE_ROWS) -> pd.DataFrame | None:
+    """The latest rows the production model server scored in the last drift window (the request log), as they
+    were sent: inputs only, the log's own columns (prediction, timestamp, version, request id) dropped."""
+    import pandas as pd
+
+    from flywheel.tasks.request_log import META_COLUMNS, PREDICTION_COLUMN, read_request_log
 
     s = get_settings()
+    since = pd.Timestamp.now(tz="UTC") - pd.Timedelta(days=s.drift_window_days)
+    try:
+        frame = read_request_log(s.request_log_dir("production"), name, start=since)
+    except Exception as exc:  # an unreachable log is no fault of the version: the next source is tried
+        _logger().warning("request log unreadable for the smoke test (%s: %s)", type(exc).__name__, exc)
+        return None
+    if frame.empty:
+        return None
+    logged = set(META_COLUMNS) | {c for c in frame.columns if c == PREDICTION_COLUMN or
+                                  c.startswith(PREDICTION_COLUMN + "_")}  # fmt: skip
+    inputs = frame.drop(columns=[c for c in frame.columns if c in logged]).tail(rows).reset_index(drop=True)
+    clashed = {c: c.removeprefix("input_") for c in inputs.columns if c.removeprefix("input_") in logged}
+    return inputs.rename(columns=clashed)
+
+
+def _sample_of(client, name: str, version: str) -> pd.DataFrame | None:
+    """A version's holdout sample; None when it has none or the version is gone."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code):
+            return None
+        raise
+    return registry.find_sample(client, mv, registry.HOLDOUT_ARTIFACT)
+
+
+def smoke_sources(client, name: str, version: str, champion: str | None, example) -> list[SmokeSource]:
+    """The first input found for any version of the model: its own holdout sample; else the current champion's;
+    else the latest window of served data; else the version's own input example."""
+    sources: list[SmokeSource] = [(f"v{version}'s holdout sample", lambda: _sample_of(client, name, version))]
+    if champion and str(champion) != str(version):
+        sources.append((f"the champion v{champion}'s holdout sample", lambda: _sample_of(client, name, champion)))
+    sources.append(("the latest served rows", lambda: served_rows(name)))
+    sources.append((f"v{version}'s input example", lambda: example))
+    return sources
+
+
+def champion_for_smoke(client, name: str, alias: str, previous: str | None, version: str) -> str | None:
+    """The champion whose holdout sample a version without its own is tried on: for a `champion` deployment the
+    version serving until now (the alias already points at the new one), else the `champion` alias."""
+    if alias == registry.CHAMPION:
+        champion = previous
+    else:
+        found = registry.get_alias_version(client, name, registry.CHAMPION)
+        champion = found.version if found is not None else None
+    return str(champion) if champion and str(champion) != str(version) else None
+
+
+@task(name="smoke-test", cache_policy=NO_CACHE)
+def smoke_test(
+    target: serving.LocalTarget, name: str, version: str, champion: str | None = None
+) -> serving.SmokeResult:
+    """Predictions on the standby slot, before any traffic moves, on the first input found (`smoke_sources`), as
+    the version's own signature says (no Flywheel tag needed: a version registered outside Flywheel works too).
+    The result says which rows it tried (`source`)."""
+    s = get_settings()
     client = registry.client()
-    sample = registry.load_reference_sample(client, client.get_model_version(name, version), registry.HOLDOUT_ARTIFACT)
-    signature = get_model_info(f"models:/{name}/{version}").signature
-    features = signature.inputs.input_names() if signature else list(sample.columns)
-    records = serving.records_for_smoke(sample, features)
-    return target.smoke(records, max_error_rate=s.smoke_max_error_rate, max_p50_ms=s.smoke_max_p50_ms)
+    inputs = registry.model_inputs(name, version)
+    what, frame, missing = first_input(smoke_sources(client, name, version, champion, inputs.example))
+    if frame is None:
+        return serving.SmokeResult(ok=False, rows=0, error_rate=0.0, p50_ms=0.0, source="nothing",
+                                   reason="no input to try it on (none found: " + ", ".join(missing) + ")")  # fmt: skip
+    known = inputs.columns if inputs.columns and set(inputs.columns) & set(frame.columns) else None
+    records = serving.records_for_smoke(frame, known or list(frame.columns), rows=SMOKE_ROWS)  # none known: as is
+    result = target.smoke(records, max_error_rate=s.smoke_max_error_rate, max_p50_ms=s.smoke_max_p50_ms)
+    result.source = f"{len(records)} rows of {what}" + (f" (none found: {', '.join(missing)})" if missing else "")
+    return result
+
+
+def smoke_note(smoke: serving.SmokeResult) -> str:
+    """The smoke test in the ledger's words: which rows it tried, and what failed if it did."""
+    if smoke.ok:
+        return f"smoke test passed on {smoke.source}, p50 {smoke.p50_ms:.0f} ms"
+    if smoke.rows == 0:
+        return f"smoke test not run: {smoke.reason}"
+    return (f"smoke test failed on {smoke.source}: {smoke.failure_kind()}: {smoke.reason} "
+            f"(error rate {smoke.error_rate:.1%}, p50 {smoke.p50_ms:.0f} ms)")  # fmt: skip
 
 
 def kubernetes_step(name: str, version: str, pkg, s: Settings) -> None:
@@ -107,14 +215,17 @@ def stage(rec: ledger.DeploymentRecord, target: serving.LocalTarget) -> ledger.D
         kubernetes_step(name, version, pkg, s)
         if isinstance(target, serving.DockerTarget) and not pkg.image_id:
             raise serving.TargetError(f"the docker target runs image {pkg.image_tag} and there is none: {pkg.engine}")
-        rec.container = target.load(version).get("container")
-        smoke = smoke_test(target, name, version)
+        loaded = target.load(version)
+        rec.container, slot = loaded.get("container"), loaded.get("loaded") or {}
+        rec.engine, rec.engine_reason = slot.get("engine"), slot.get("compiled")  # onnxruntime or pyfunc, and why
+        champion = champion_for_smoke(registry.client(), name, rec.alias, rec.previous_version, version)
+        smoke = smoke_test(target, name, version, champion)
     except Exception as exc:  # anything before the switch: the version never serves
         rec.outcome, rec.reason = "failed", f"{type(exc).__name__}: {exc}"
         return rec
+    rec.reason = smoke_note(smoke)
     if not smoke.ok:
         rec.outcome = "failed-smoke"
-        rec.reason = f"smoke test failed: {smoke.reason} (error rate {smoke.error_rate:.1%}, p50 {smoke.p50_ms:.0f} ms)"
     return rec
 
 
@@ -145,12 +256,13 @@ def watch(rec: ledger.DeploymentRecord, target: serving.LocalTarget, seconds: fl
     """The live error rate after the switch: `serving` when it holds, else switch back (`rolled-back-live`)."""
     limit = get_settings().deploy_max_live_error_rate
     healthy, note = serving.watch_live(target, seconds=seconds, max_error_rate=limit)
+    smoke = rec.reason + "; " if rec.reason else ""  # which rows the smoke test passed on
     if healthy:
-        rec.outcome, rec.reason = "serving", note
+        rec.outcome, rec.reason = "serving", smoke + note
     else:
         target.rollback()
         back = move_alias_back(rec.model_name, rec.alias, rec.previous_version, rec.version)
-        rec.outcome, rec.reason = "rolled-back-live", note + "; " + back
+        rec.outcome, rec.reason = "rolled-back-live", smoke + note + "; " + back
     return rec
 
 

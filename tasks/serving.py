@@ -15,13 +15,15 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pandas as pd
 
 from flywheel.core.names import slug
+
+_PREDICT_FAILED = "The model failed on this input"  # the model server's message when predict raises
 
 
 class TargetError(RuntimeError):
@@ -35,6 +37,21 @@ class SmokeResult:
     error_rate: float
     p50_ms: float
     reason: str = ""
+    failures: list[dict] = field(default_factory=list)  # the first failed rows: {"row", "status", "error"}
+    source: str = ""  # what the rows were (e.g. "v3's holdout sample"), said in the ledger
+    batch_ok: bool = True
+
+    def failure_kind(self) -> str:
+        """What failed, in the ledger's words: "predictions that error" (the model raised, or its container did),
+        "wrong schema" (the input did not fit the version's signature), or "limits breached" (latency only)."""
+        texts = [str(f.get("error") or "") for f in self.failures] + [self.reason]
+        if any(int(f.get("status") or 0) >= 500 for f in self.failures) or any(
+            _PREDICT_FAILED in t or "could not predict" in t for t in texts
+        ):
+            return "predictions that error"
+        if self.failures or not self.batch_ok:
+            return "wrong schema"
+        return "limits breached"
 
 
 @dataclass
@@ -83,6 +100,8 @@ class LocalTarget:
             error_rate=float(body.get("error_rate", 1.0)),
             p50_ms=float(body.get("p50_ms", 0.0)),
             reason=str(body.get("reason", "")),
+            failures=list(body.get("failures") or []),
+            batch_ok=bool(body.get("batch_ok", True)),
         )
 
     def swap(self) -> dict:
@@ -98,9 +117,12 @@ class LocalTarget:
 
 
 def records_for_smoke(sample: pd.DataFrame, features: list[str], rows: int = 200) -> list[dict]:
-    """Held-out rows as JSON records, only the model's input columns."""
+    """Rows as JSON records, only the model's input columns (times as ISO text, missing values as null)."""
     cols = [c for c in features if c in sample.columns]
     frame = sample[cols].head(rows)
+    times = [c for c in cols if pd.api.types.is_datetime64_any_dtype(frame[c])]
+    if times:
+        frame = frame.assign(**{c: frame[c].map(lambda t: t.isoformat() if pd.notna(t) else None) for c in times})
     return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
 
 

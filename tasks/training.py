@@ -4,36 +4,41 @@ Candidates competing on a task runner are in `candidates`; the plan and result o
 
 from __future__ import annotations
 
+import difflib
 import hashlib
-import importlib
 import inspect
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field, ValidationError
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, model_validator
+from sklearn.base import is_classifier, is_regressor
 from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
 from sklearn.model_selection import train_test_split
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import OneHotEncoder, StandardScaler
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
 from flywheel.core.errors import UserError
 from flywheel.core.spec import DatasetSpec
 from flywheel.tasks.evaluation import primary_metric
+from flywheel.tasks.user_code import UserCode, UserCodeError, import_user_module
 
 CLASSIFICATION_METRICS = frozenset({"accuracy", "precision", "recall", "f1", "roc_auc"})
+MULTICLASS_METRICS = frozenset({"accuracy", "f1_macro", "f1_weighted", "roc_auc_ovr"})
 REGRESSION_METRICS = frozenset({"rmse", "mae", "r2"})
+TASK_METRICS = {"binary": CLASSIFICATION_METRICS, "multiclass": MULTICLASS_METRICS, "regression": REGRESSION_METRICS}
 
-# Short names for the estimators people reach for first; any other `sklearn.*` class path works too.
+# Short names for the estimators people reach for first; any class path of an estimator with scikit-learn's API
+# importable here works too (`lightgbm.LGBMClassifier`, `xgboost.XGBRegressor` with `pip install flywheel[boosting]`).
 ESTIMATORS = {
     "logistic_regression": "sklearn.linear_model.LogisticRegression",
     "random_forest": "sklearn.ensemble.RandomForestClassifier",
@@ -49,6 +54,11 @@ DEFAULT_MODEL = {
         "estimator": "gradient_boosting",
         "params": {"class_weight": "balanced", "max_iter": 200},
     },
+    "multiclass": {
+        "name": "hgb",
+        "estimator": "gradient_boosting",
+        "params": {"class_weight": "balanced", "max_iter": 200},
+    },
     "regression": {"name": "ridge", "estimator": "ridge", "params": {"alpha": 1.0}},
 }
 
@@ -58,27 +68,82 @@ class ModelSpecError(UserError, ValueError):
 
 
 class ModelSpec(BaseModel):
-    """One candidate model: an estimator and its hyper-parameters (a params YAML holds one or a list)."""
+    """One candidate model (a params YAML holds one or a list): an estimator (short name or class path) and its
+    hyper-parameters, or a factory (`package.module:function`) called with the dataset spec and `params` that
+    returns an estimator or a whole pipeline."""
 
     name: str = "model"
-    estimator: str
+    estimator: str | None = None
+    factory: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
+    # Where the estimator's or factory's module is looked for before sys.path: the params file's directory.
+    _source_dir: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _one_model(self) -> ModelSpec:
+        if (self.estimator is None) == (self.factory is None):
+            raise ValueError(
+                "give either 'estimator' (a short name or a class path) or 'factory' (package.module:function)"
+            )
+        if self.factory is not None:
+            module, colon, function = self.factory.partition(":")
+            if not (colon and _dotted(module) and _dotted(function)):
+                raise ValueError(f"factory '{self.factory}' must look like package.module:function")
+        return self
 
     @property
     def class_path(self) -> str:
+        """The estimator's class path, or the factory's `module:function`."""
+        if self.factory is not None:
+            return self.factory
         return ESTIMATORS.get(self.estimator, self.estimator)
 
+    @property
+    def source_dir(self) -> str | None:
+        return self._source_dir
+
+    def looked_up_in(self, directory: str | Path | None) -> ModelSpec:
+        """A copy whose module is looked for in `directory` first (absolute), then on sys.path."""
+        spec = self.model_copy()
+        spec._source_dir = str(Path(directory).resolve()) if directory is not None else None
+        return spec
+
     def params_hash(self) -> str:
-        blob = json.dumps({"estimator": self.class_path, "params": self.params}, sort_keys=True, default=str)
+        model = {"factory": self.factory} if self.factory is not None else {"estimator": self.class_path}
+        blob = json.dumps({**model, "params": self.params}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def user_code(self) -> UserCode:
+        """Where the estimator class or factory comes from: the user's files (logged with the model and hashed into
+        its code version) or installed distributions (pinned requirements)."""
+        module = self.factory.partition(":")[0] if self.factory is not None else self.class_path.rpartition(".")[0]
+        return _import(module, self.source_dir)[1]
+
+
+def _factory_name(ref: str) -> str:
+    """An unnamed factory candidate's name: its module's last part and its function (`features.churn_model`)."""
+    module, _, function = ref.partition(":")
+    return f"{module.rpartition('.')[2]}.{function}"
+
+
+def _dotted(name: str) -> bool:
+    return bool(name) and all(part.isidentifier() for part in name.split("."))
+
+
+def _import(module: str, source_dir: str | None):
+    try:
+        return import_user_module(module, source_dir)
+    except UserCodeError as exc:
+        raise ModelSpecError(str(exc)) from exc
 
 
 def default_model_spec(task: str) -> ModelSpec:
     return ModelSpec.model_validate(DEFAULT_MODEL[task])
 
 
-def load_model_specs(path: str | Path | None, task: str) -> list[ModelSpec]:
-    """Read a params YAML: either one spec (`estimator`, `params`) or `candidates: [...]` of them."""
+def load_model_specs(path: str | Path | None, task: str, *, dataset: DatasetSpec | None = None) -> list[ModelSpec]:
+    """Read a params YAML: either one spec (`estimator` or `factory`, `params`) or `candidates: [...]` of them.
+    Their modules are looked for in the file's directory first, then on sys.path."""
     if path is None:
         return [default_model_spec(task)]
     p = Path(path)
@@ -88,16 +153,25 @@ def load_model_specs(path: str | Path | None, task: str) -> list[ModelSpec]:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ModelSpecError(f"params file {p} is not valid YAML: {exc}") from exc
-    if isinstance(raw, dict) and "candidates" in raw:
-        return model_specs_from(raw["candidates"], task, f"params file {p}")
-    return model_specs_from([raw], task, f"params file {p}")
+    items = raw["candidates"] if isinstance(raw, dict) and "candidates" in raw else [raw]
+    return model_specs_from(items, task, f"params file {p}", source_dir=p.parent, dataset=dataset)
 
 
-def model_specs_from(items: Any, task: str, where: str = "candidates") -> list[ModelSpec]:
+def model_specs_from(
+    items: Any,
+    task: str,
+    where: str = "candidates",
+    *,
+    source_dir: str | Path | None = None,
+    dataset: DatasetSpec | None = None,
+) -> list[ModelSpec]:
     """Validate a list of candidate specs (from a params file or the flow's `candidates` parameter).
 
-    Each must name a scikit-learn estimator of the task's kind with parameters it accepts; a candidate without a
-    name is named after its estimator; names must be unique (they name the MLflow runs).
+    Each must name an estimator of the task's kind (a regressor for regression, else a classifier) with parameters
+    it accepts, or a factory; with `dataset`, each factory is called on it and what it returns is checked the same
+    way, so a factory that fails does so here, before any training (`check_model_spec`). Modules are looked for in
+    `source_dir` first, then on sys.path. A candidate without a name is named after its estimator or factory; names
+    must be unique (they name the MLflow runs).
     """
     if not isinstance(items, list) or not items:
         raise ModelSpecError(f"{where}: 'candidates' must be a non-empty list")
@@ -107,12 +181,15 @@ def model_specs_from(items: Any, task: str, where: str = "candidates") -> list[M
             spec = item if isinstance(item, ModelSpec) else ModelSpec.model_validate(item)
         except ValidationError as exc:
             raise ModelSpecError(f"{where}, candidate {i}: {exc.errors()[0]['msg']}") from exc
-        cls = resolve_estimator(spec)  # fail early on unknown estimators or parameters
-        kind, noun = (ClassifierMixin, "classifier") if task == "binary" else (RegressorMixin, "regressor")
-        if not issubclass(cls, kind):
-            raise ModelSpecError(f"{where}, candidate {i}: {cls.__name__} is not a {noun} (task '{task}')")
+        if source_dir is not None and spec.source_dir is None:
+            spec = spec.looked_up_in(source_dir)
+        try:
+            check_model_spec(spec, task, dataset)
+        except ModelSpecError as exc:
+            raise ModelSpecError(f"{where}, candidate {i}: {exc}") from exc
         if len(items) > 1 and "name" not in spec.model_fields_set:
-            spec = spec.model_copy(update={"name": spec.estimator.rpartition(".")[2]})
+            short = spec.estimator.rpartition(".")[2] if spec.factory is None else _factory_name(spec.factory)
+            spec = spec.model_copy(update={"name": short})
         specs.append(spec)
     names = [s.name for s in specs]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -121,19 +198,27 @@ def model_specs_from(items: Any, task: str, where: str = "candidates") -> list[M
     return specs
 
 
-def resolve_model_specs(params_path: str | Path | None, candidates: list[Any] | None, task: str) -> list[ModelSpec]:
-    """The candidates of a training run: the flow's `candidates` parameter, else the params file, else the
-    task's default model."""
+def resolve_model_specs(
+    params_path: str | Path | None,
+    candidates: list[Any] | None,
+    task: str,
+    *,
+    dataset: DatasetSpec | None = None,
+) -> list[ModelSpec]:
+    """The candidates of a training run: the flow's `candidates` parameter (modules looked for in the working
+    directory, then on sys.path), else the params file, else the task's default model. With `dataset`, factories
+    are called on it to check what they build."""
     if candidates is not None and params_path is not None:
         raise ModelSpecError("give either a params file or a candidates list, not both")
     if candidates is not None:
-        return model_specs_from(list(candidates), task, "candidates parameter")
-    return load_model_specs(params_path, task)
+        return model_specs_from(list(candidates), task, "candidates parameter", source_dir=Path.cwd(), dataset=dataset)
+    return load_model_specs(params_path, task, dataset=dataset)
 
 
 def selection_metric(task: str, configured: str | None = None) -> str:
-    """The holdout metric that picks the best candidate: the configured one, else F1 (binary) / RMSE (regression)."""
-    known = CLASSIFICATION_METRICS if task == "binary" else REGRESSION_METRICS
+    """The holdout metric that picks the best candidate: the configured one, else the task's primary metric (F1 for
+    binary, macro F1 for multiclass, RMSE for regression)."""
+    known = TASK_METRICS[task]
     metric = (configured or primary_metric(task)).strip().lower()
     if metric not in known:
         raise ModelSpecError(f"candidate metric '{metric}' is not a {task} metric: use one of {sorted(known)}")
@@ -149,31 +234,148 @@ def candidate_set_hash(specs: Sequence[ModelSpec], metric: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def check_model_spec(model: ModelSpec, task: str, dataset: DatasetSpec | None = None) -> None:
+    """Fail early, with ModelSpecError, on a model that cannot train for `task`: an estimator that is unknown, not
+    importable, not of the task's kind or not taking its parameters; a factory that cannot be imported or called
+    with its parameters, or, called on `dataset` when given, raises or returns no estimator of the task's kind."""
+    if model.factory is not None:
+        if dataset is None:
+            resolve_factory(model)
+        else:
+            model_from_factory(dataset, model)
+        return
+    cls = resolve_estimator(model)
+    _check_kind(_instantiate(cls, model.params), task, cls.__name__)
+
+
 def resolve_estimator(spec: ModelSpec) -> type:
+    """The estimator class a spec names (a short name or a class path, its module looked for in the spec's
+    directory, then on sys.path), checked to have scikit-learn's API and to take the spec's parameters."""
+    if spec.factory is not None:
+        raise ModelSpecError(f"'{spec.factory}' is a factory, not an estimator class")
     path = spec.class_path
-    if not path.startswith("sklearn."):
-        known = ", ".join(sorted(ESTIMATORS))
-        raise ModelSpecError(f"unknown estimator '{spec.estimator}': use one of {known} or a sklearn.* class path")
     module, _, name = path.rpartition(".")
+    if not module:
+        known = ", ".join(sorted(ESTIMATORS))
+        raise ModelSpecError(
+            f"unknown estimator '{spec.estimator}': use one of {known}, or the class path (package.module.Class) "
+            "of an estimator with scikit-learn's API"
+        )
     try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
+        mod = _import(module, spec.source_dir)[0]
+    except ModelSpecError as exc:
         raise ModelSpecError(f"estimator '{path}' cannot be imported: {exc}") from exc
-    if not (inspect.isclass(cls) and issubclass(cls, BaseEstimator)):
-        raise ModelSpecError(f"'{path}' is not a scikit-learn estimator class")
-    accepted = set(inspect.signature(cls).parameters)
-    unknown = sorted(set(spec.params) - accepted)
-    if unknown:
-        raise ModelSpecError(f"estimator {name} has no parameter(s) {unknown}")
+    cls = getattr(mod, name, None)
+    if cls is None:
+        raise ModelSpecError(f"estimator '{path}' cannot be imported: {module} has no '{name}'{_hint(name, dir(mod))}")
+    if not (inspect.isclass(cls) and _has_estimator_api(cls)):
+        raise ModelSpecError(f"'{path}' is not a scikit-learn estimator class (with fit, predict and get_params)")
+    _check_params(cls, spec.params)
     return cls
 
 
-def build_pipeline(spec: DatasetSpec, model: ModelSpec, seed: int) -> Pipeline:
-    """Preprocessing for numeric and categorical columns followed by the configured estimator, seeded."""
-    cls = resolve_estimator(model)
-    params = dict(model.params)
-    if "random_state" in inspect.signature(cls).parameters:
-        params.setdefault("random_state", seed)
+def _has_estimator_api(obj: Any) -> bool:
+    return all(callable(getattr(obj, method, None)) for method in ("fit", "predict", "get_params"))
+
+
+def _hint(name: str, known: Any) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _param_names(cls: type) -> tuple[set[str], bool]:
+    """An estimator's parameter names (its __init__'s, and its default instance's get_params() keys) and whether
+    its __init__ takes **kwargs."""
+    parameters = inspect.signature(cls).parameters.values()
+    names = {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    try:
+        names |= set(cls().get_params())
+    except Exception:  # an estimator without defaults for every parameter: its signature says enough
+        pass
+    return names, any(p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def _check_params(cls: type, params: dict[str, Any]) -> None:
+    """Refuse parameters the estimator does not take. One whose __init__ takes **kwargs (LightGBM, XGBoost) passes
+    the library's own parameters through (`max_bin`, `min_data_in_leaf`), so only a near miss of a known name is
+    refused there: a typo (`n_estimator`)."""
+    known, takes_kwargs = _param_names(cls)
+    unknown = sorted(set(params) - known)
+    if not takes_kwargs and unknown:
+        hints = "".join(_hint(k, known) for k in unknown)
+        raise ModelSpecError(f"estimator {cls.__name__} has no parameter(s) {unknown}{hints}")
+    typos = {k: close[0] for k in unknown if (close := difflib.get_close_matches(k, sorted(known), n=1, cutoff=0.85))}
+    if typos:
+        said = ", ".join(f"'{k}' (did you mean '{v}'?)" for k, v in typos.items())
+        raise ModelSpecError(f"estimator {cls.__name__}: parameter(s) {said} look like typos of its own")
+
+
+def _instantiate(cls: type, params: dict[str, Any]) -> Any:
+    try:
+        return cls(**params)
+    except Exception as exc:
+        raise ModelSpecError(f"{cls.__name__}(**{params}) fails: {type(exc).__name__}: {exc}") from exc
+
+
+def _check_kind(estimator: Any, task: str, what: str) -> None:
+    """A regressor for regression, else (binary, multiclass) a classifier: by scikit-learn's estimator tags, which
+    LightGBM and XGBoost set too, and which a Pipeline takes from its last step."""
+    is_kind, noun = (is_regressor, "regressor") if task == "regression" else (is_classifier, "classifier")
+    try:
+        ok = is_kind(estimator)
+    except (AttributeError, TypeError):  # no scikit-learn tags at all
+        ok = False
+    if not ok:
+        raise ModelSpecError(f"{what} is not a {noun} (task '{task}')")
+
+
+def resolve_factory(model: ModelSpec) -> Callable[..., Any]:
+    """The factory function a spec names (`package.module:function`), checked to be callable with the dataset spec
+    and the spec's params as keyword arguments."""
+    ref = model.factory
+    module, _, attr = ref.partition(":")
+    try:
+        found: Any = _import(module, model.source_dir)[0]
+    except ModelSpecError as exc:
+        raise ModelSpecError(f"factory '{ref}' cannot be imported: {exc}") from exc
+    for part in attr.split("."):
+        parent, found = found, getattr(found, part, None)
+        if found is None:
+            raise ModelSpecError(f"factory '{ref}': {module} has no '{attr}'{_hint(part, dir(parent))}")
+    if not callable(found):
+        raise ModelSpecError(f"factory '{ref}' is not a function: it is a {type(found).__name__}")
+    try:
+        inspect.signature(found).bind(None, **model.params)
+    except TypeError as exc:
+        raise ModelSpecError(
+            f"factory '{ref}' cannot be called as {attr}(dataset_spec, **params) with params {sorted(model.params)}: "
+            f"{exc}"
+        ) from exc
+    except ValueError:  # no signature to check (a builtin): calling it will tell
+        pass
+    return found
+
+
+def model_from_factory(dataset: DatasetSpec, model: ModelSpec) -> Any:
+    """What a factory builds, called with (a copy of) the dataset spec and the spec's params: an estimator with
+    scikit-learn's API (fit, predict, get_params) or a Pipeline, of the task's kind."""
+    factory = resolve_factory(model)
+    try:
+        built = factory(dataset.model_copy(deep=True), **model.params)
+    except Exception as exc:
+        raise ModelSpecError(f"factory '{model.factory}' raised {type(exc).__name__}: {exc}") from exc
+    if inspect.isclass(built) or not _has_estimator_api(built):
+        what = f"the class {built.__name__} (not an instance)" if inspect.isclass(built) else type(built).__name__
+        raise ModelSpecError(
+            f"factory '{model.factory}' returned {what}: it must return an estimator or a Pipeline "
+            "(with fit, predict and get_params)"
+        )
+    _check_kind(built, dataset.task, f"what factory '{model.factory}' returned ({type(built).__name__})")
+    return built
+
+
+def preprocessor(spec: DatasetSpec) -> ColumnTransformer:
+    """Numeric columns median-imputed and scaled, categorical ones imputed and one-hot encoded; the rest dropped."""
     transformers = []
     if spec.numeric:
         numeric = Pipeline([("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())])
@@ -186,18 +388,106 @@ def build_pipeline(spec: DatasetSpec, model: ModelSpec, seed: int) -> Pipeline:
             ]
         )
         transformers.append(("categorical", categorical, spec.categorical))
-    pre = ColumnTransformer(transformers, remainder="drop")
-    return Pipeline([("preprocess", pre), ("model", cls(**params))])
+    return ColumnTransformer(transformers, remainder="drop")
 
 
-def feature_frame(df: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
-    """The model's input columns with stable dtypes: numeric as float64, categorical as str."""
+def build_pipeline(spec: DatasetSpec, model: ModelSpec, seed: int) -> Pipeline:
+    """The preprocessing followed by the configured estimator, seeded. A factory's estimator goes behind the same
+    preprocessing; a factory's Pipeline is used as it is (it gets the spec's feature columns as `feature_frame`
+    makes them), with every `random_state` left unset in it seeded."""
+    if model.factory is not None:
+        built = model_from_factory(spec, model)
+        if isinstance(built, Pipeline):
+            return _seed_unset(built, seed)
+        return Pipeline([("preprocess", preprocessor(spec)), ("model", _seed_unset(built, seed))])
+    cls = resolve_estimator(model)
+    params = dict(model.params)
+    if "random_state" in _param_names(cls)[0]:
+        params.setdefault("random_state", seed)
+    return Pipeline([("preprocess", preprocessor(spec)), ("model", _instantiate(cls, params))])
+
+
+def _seed_unset(estimator: Any, seed: int) -> Any:
+    unset = {
+        key: seed
+        for key, value in estimator.get_params(deep=True).items()
+        if (key == "random_state" or key.endswith("__random_state")) and value is None
+    }
+    return estimator.set_params(**unset) if unset else estimator
+
+
+# --------------------------------------------------------------------------------------------------- features
+# A user's raw rows reach a served model as they are: int64 or float columns (an integer column with a missing
+# value arrives as float), None, NaN or pandas' NA for a missing value, numbers in a categorical column. The logged
+# model starts with `raw_input_step`, which turns them into the features as `feature_frame` made them for training.
+# It is built from scikit-learn, NumPy and pandas callables only, so the model loads wherever MLflow installs its
+# pinned requirements (a serving image holds no Flywheel).
+MISSING = "missing"
+
+
+def numbers_coded(df: pd.DataFrame, spec: DatasetSpec) -> list[str]:
+    """The categorical columns that hold numbers in this table (codes such as a year or a zip code): their values
+    are read as numbers before they become labels, so 2007, 2007.0 and "2007" are one category."""
+    return [
+        c for c in spec.categorical
+        if pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])
+    ]  # fmt: skip
+
+
+def _as(dtype: str) -> FunctionTransformer:
+    return FunctionTransformer(np.asarray, kw_args={"dtype": dtype}, feature_names_out="one-to-one")
+
+
+def _na_to(fill: str) -> SimpleImputer:
+    # missing_values=pd.NA: scikit-learn then treats None, NaN and pd.NA alike (pandas' isna). A text fill keeps
+    # the column's feature name ("NaN" reads back as a float NaN).
+    return SimpleImputer(missing_values=pd.NA, strategy="constant", fill_value=fill, keep_empty_features=True)
+
+
+def raw_input_step(spec: DatasetSpec, coded: Sequence[str] = ()) -> ColumnTransformer:
+    """Raw rows → the model's features, as a DataFrame of the numeric, then the number-coded categorical, then the
+    other categorical columns: numbers as float64 with NaN for missing; categories as text, 'missing' for a
+    missing label and 'nan' for a missing code. Extra columns are dropped."""
+    chosen = set(coded)
+    coded = [c for c in spec.categorical if c in chosen]
+    labels = [c for c in spec.categorical if c not in chosen]
+    blocks = []
+    if spec.numeric:
+        blocks.append(("numeric", make_pipeline(_as("object"), _na_to("NaN"), _as("float64")), list(spec.numeric)))
+    if coded:
+        codes = make_pipeline(_as("object"), _na_to("NaN"), _as("float64"), _as("str"), _as("object"))
+        blocks.append(("codes", codes, coded))
+    if labels:
+        blocks.append(("labels", make_pipeline(_as("object"), _na_to(MISSING), _as("str"), _as("object")), labels))
+    step = ColumnTransformer(blocks, remainder="drop", verbose_feature_names_out=False).set_output(transform="pandas")
+    for _, block, _ in step.transformers:
+        for _, inner in block.steps[:-1]:  # only each block's last step builds a frame (the others cost ~1 ms a row)
+            inner.set_output(transform="default")
+    return step
+
+
+def feature_frame(df: pd.DataFrame, spec: DatasetSpec, coded: Sequence[str] | None = None) -> pd.DataFrame:
+    """The model's input columns with stable dtypes, in `raw_input_step`'s order: numeric as float64 (values that are
+    not numbers as NaN), categorical as text exactly as the logged model's first step makes them from raw rows."""
+    coded = numbers_coded(df, spec) if coded is None else list(coded)
     X = pd.DataFrame(index=df.index)
     for col in spec.numeric:
         X[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
-    for col in spec.categorical:
-        X[col] = df[col].astype("string").fillna("missing").astype(str)
+    categorical = raw_input_step(spec.model_copy(update={"numeric": []}), coded)
+    if spec.categorical:
+        text = categorical.fit_transform(df[spec.categorical])
+        for col in text.columns:
+            X[col] = text[col].to_numpy()
     return X
+
+
+def servable_model(model: Any, df: pd.DataFrame, spec: DatasetSpec) -> Pipeline:
+    """The fitted model behind `raw_input_step` (fitted on the training table's feature columns): what is logged,
+    so the registered model takes a user's raw rows, in process and over HTTP."""
+    step = raw_input_step(spec, numbers_coded(df, spec)).fit(df[spec.features])
+    if isinstance(model, Pipeline) and "raw_input" not in model.named_steps:
+        return Pipeline([("raw_input", step), *model.steps])
+    return Pipeline([("raw_input", step), ("model", model)])
 
 
 def target_series(df: pd.DataFrame, spec: DatasetSpec) -> pd.Series:
@@ -222,9 +512,9 @@ class Split:
 
 
 def split_dataset(df: pd.DataFrame, spec: DatasetSpec, *, test_size: float = 0.2, seed: int = 42) -> Split:
-    """A seeded holdout split, stratified on the target for classification."""
+    """A seeded holdout split, stratified on the target for classification (unless a class has a single row)."""
     X, y = feature_frame(df, spec), target_series(df, spec)
-    stratify = y if spec.task == "binary" else None
+    stratify = y if spec.task != "regression" and y.value_counts().min() >= 2 else None
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, random_state=seed, stratify=stratify)
     return Split(X_train, X_test, y_train, y_test)
 
@@ -237,12 +527,14 @@ def train_model(split: Split, spec: DatasetSpec, model: ModelSpec, seed: int) ->
 
 # --------------------------------------------------------------------------------------------------- tasks
 def _fit_cache_key(context, parameters) -> str:
-    """Same data, same spec, same estimator+params, same seed and same code → same model: skip training."""
+    """Same data, same spec, same estimator+params, same seed and same code (Flywheel's and the user's code the
+    model runs) → same model: skip training."""
     from flywheel.tasks.registry import code_version
 
+    model = parameters["model"]
     spec_key = hashlib.sha256(parameters["spec"].model_dump_json().encode()).hexdigest()[:12]
     return "fit-" + "-".join(
-        [parameters["data_key"], spec_key, parameters["model"].params_hash(), str(parameters["seed"]), code_version()]
+        [parameters["data_key"], spec_key, model.params_hash(), str(parameters["seed"]), code_version([model])]
     )
 
 

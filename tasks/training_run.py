@@ -19,6 +19,7 @@ from flywheel.tasks.training import (
     candidate_set_hash,
     resolve_model_specs,
     selection_metric,
+    servable_model,
 )
 
 
@@ -28,13 +29,15 @@ class TrainResult:
     model_name: str
     version: str
     promoted: bool
-    data_hash: str
-    rows: int
+    data_hash: str  # of the labelled rows: what the model is trained and evaluated on
+    rows: int  # labelled rows (training + holdout)
     metrics: dict[str, float] = field(default_factory=dict)
     gate: dict | None = None
     window: tuple[str | None, str | None] = (None, None)
     selection_metric: str | None = None
     candidates: list[dict] = field(default_factory=list)  # every candidate of the run, the winner first
+    rows_unlabeled: int = 0  # pulled rows without a value in the target: left out of training and evaluation
+    warnings: list[str] = field(default_factory=list)  # validation's warnings (e.g. a rare class)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -60,15 +63,17 @@ class TrainingPlan:
     def run_name(self, data_key: str) -> str:
         return f"{self.model_name}-{data_key[:8]}"
 
-    def parent_params(self, data_key: str, rows: int) -> dict[str, Any]:
+    def parent_params(self, data_key: str, rows: int, rows_unlabeled: int = 0) -> dict[str, Any]:
         return {
             "candidates": ",".join(m.name for m in self.model_specs), "selection_metric": self.metric,
             "params_hash": self.params_hash, "data_hash": data_key, "data_window": self.window, "rows": rows,
+            "rows_unlabeled": rows_unlabeled,
         }  # fmt: skip
 
     def version_tags(
-        self, data_key: str, code_ver: str, flow_run_id: str, best: CandidateResult, results: list[CandidateResult]
-    ) -> dict[str, str]:
+        self, data_key: str, code_ver: str, flow_run_id: str, best: CandidateResult, results: list[CandidateResult],
+        rows_unlabeled: int = 0,
+    ) -> dict[str, str]:  # fmt: skip
         """The registered version's lineage: data, params and code, where it came from, and how it won."""
         from flywheel.tasks import registry
 
@@ -83,27 +88,33 @@ class TrainingPlan:
             "candidate": best.model_spec.name,
             "candidates": ",".join(r.name for r in results),
             "selection_metric": self.metric,
+            "rows_unlabeled": str(rows_unlabeled),
             **{f"metric_{k}": f"{v:.6f}" for k, v in best.metrics.items()},
         }
 
-    def description(self, best: CandidateResult, results: list[CandidateResult], rows: int) -> str:
+    def description(
+        self, best: CandidateResult, results: list[CandidateResult], rows: int, rows_unlabeled: int = 0
+    ) -> str:
+        left_out = f" ({rows_unlabeled} without a label left out)" if rows_unlabeled else ""
         return (
             f"{best.model_spec.name} (best of {len(results)} on {self.metric}) on {self.spec.name} "
-            f"[{self.start or '…'}, {self.end or '…'}), {rows} rows"
+            f"[{self.start or '…'}, {self.end or '…'}), {rows} rows{left_out}"
         )
 
     def log_kwargs(
         self, df: pd.DataFrame, parts: Split, best: CandidateResult, data_key: str, run_tags: dict[str, str], settings
     ) -> dict[str, Any]:
-        """What `registry.log_candidate` logs with the winner: examples, the training frame, the reference and
-        holdout samples (the drift check's reference, the deployment's smoke test), plots and its run."""
+        """What `registry.log_candidate` logs with the winner: the model behind its raw-input step, raw rows as its
+        examples (the signature is inferred from them), the training frame, the reference and holdout samples (the
+        drift check's reference, the deployment's smoke test), plots and its run."""
         spec = self.spec
         sample_cols = [c for c in [*spec.features, spec.target, spec.event_time] if c]
+        classifier = spec.task != "regression"
         return dict(
-            model=best.model,
+            model=servable_model(best.model, df, spec),
             model_spec=best.model_spec,
             metrics=best.metrics,
-            X_example=parts.X_test.head(100),
+            X_example=df.loc[parts.X_test.index[:100], list(parts.X_test.columns)],
             y_example=parts.y_test.head(100),
             training_frame=df[sample_cols],
             reference_sample=sample_rows(df[sample_cols], settings.reference_sample_rows, settings.seed),
@@ -113,20 +124,20 @@ class TrainingPlan:
             target=spec.target,
             data_hash=data_key,
             tags={**run_tags, "flywheel.selected": "true"},
-            confusion_fig=confusion_figure(best.model, parts.X_test, parts.y_test) if spec.task == "binary" else None,
+            confusion_fig=confusion_figure(best.model, parts.X_test, parts.y_test) if classifier else None,
             experiment=settings.experiment_name,
             run_name=candidate_run_name(best.model_spec, data_key),
             run_id=best.run_id,
         )
 
     def result(
-        self, status: str, version: str, promoted: bool, data_key: str, rows: int, metrics: dict[str, float],
+        self, status: str, version: str, promoted: bool, data_key: str, report: Any, metrics: dict[str, float],
         gate: dict | None = None, candidates: list[dict] | None = None,
     ) -> dict:  # fmt: skip
-        """The flow's result (TrainResult as a dict)."""
+        """The flow's result (TrainResult as a dict); `report` is validation's (rows, rows without a label)."""
         return TrainResult(
-            status, self.model_name, version, promoted, data_key, rows, metrics, gate, (self.start, self.end),
-            self.metric, candidates or [],
+            status, self.model_name, version, promoted, data_key, report.rows_labeled, metrics, gate,
+            (self.start, self.end), self.metric, candidates or [], report.rows_unlabeled, list(report.warnings),
         ).as_dict()  # fmt: skip
 
 
@@ -143,7 +154,7 @@ def plan_training(
     settings = get_settings()
     model_name = model_name or settings.model_name
     spec = resolve_spec(spec_path, data_uri)
-    model_specs = resolve_model_specs(params_path, candidates, spec.task)
+    model_specs = resolve_model_specs(params_path, candidates, spec.task, dataset=spec)
     metric = selection_metric(spec.task, settings.candidate_metric)
     params_hash = candidate_set_hash(model_specs, metric)
     if start is None and end is None and spec.source.startswith(DEMO_SCHEME):

@@ -78,6 +78,7 @@ def ci_summary(result: dict, report_path: Path | None = None) -> dict:
         "promoted": bool(result.get("promoted")),
         "data_hash": result.get("data_hash"),
         "rows": result.get("rows"),
+        "rows_unlabeled": result.get("rows_unlabeled"),
         "window": list(result.get("window") or (None, None)),
         "metrics": result.get("metrics") or {},
         "gate_metric": gate.get("metric"),
@@ -112,25 +113,34 @@ def _md(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _metrics_table(candidate: dict, champion: dict | None, champion_label: str, primary: str | None) -> list[str]:
-    """Candidate vs champion (with the change), or the candidate alone when there is no champion to compare."""
+def _metrics_table(
+    candidate: dict, champion: dict | None, champion_label: str, primary: str | None,
+    baseline: dict | None = None, baseline_label: str = "baseline",
+) -> list[str]:  # fmt: skip
+    """Candidate vs champion (with the change), or the candidate alone when there is no champion to compare; with
+    the trivial baseline's metrics on the same holdout in a last column when the gate recorded them."""
     if not candidate and not champion:
         return ["_No metrics were recorded._"]
     keys = sorted(set(candidate) | set(champion or {}))
     mark = lambda key: f"**{key}** (primary)" if key == primary else key  # noqa: E731
+    base_head, base_rule = (f" {baseline_label} |", "---:|") if baseline is not None else ("", "")
+    base = lambda key: f" {_fmt((baseline or {}).get(key))} |" if baseline is not None else ""  # noqa: E731
     if champion is None:
-        lines = ["| metric | candidate |", "|---|---:|"]
-        return lines + [f"| {mark(key)} | {_fmt(candidate.get(key))} |" for key in keys]
-    lines = [f"| metric | candidate | {champion_label} | Δ (candidate − champion) |", "|---|---:|---:|---|"]
+        lines = [f"| metric | candidate |{base_head}", f"|---|---:|{base_rule}"]
+        return lines + [f"| {mark(key)} | {_fmt(candidate.get(key))} |{base(key)}" for key in keys]
+    lines = [
+        f"| metric | candidate | {champion_label} | Δ (candidate − champion) |{base_head}",
+        f"|---|---:|---:|---|{base_rule}",
+    ]
     for key in keys:
         cand, champ = candidate.get(key), champion.get(key)
-        lines.append(f"| {mark(key)} | {_fmt(cand)} | {_fmt(champ)} | {_delta(key, cand, champ)} |")
+        lines.append(f"| {mark(key)} | {_fmt(cand)} | {_fmt(champ)} | {_delta(key, cand, champ)} |{base(key)}")
     return lines
 
 
 def _primary(metrics: dict) -> str | None:
-    """The gate's primary metric (F1 for classification, RMSE for regression) among logged metrics."""
-    return next((m for m in ("f1", "rmse") if m in metrics), None)
+    """The gate's primary metric (F1 for binary, macro F1 for multiclass, RMSE for regression) among the metrics."""
+    return next((m for m in ("f1", "f1_macro", "rmse") if m in metrics), None)
 
 
 def render_report(result: dict) -> str:
@@ -174,6 +184,7 @@ def render_report(result: dict) -> str:
         f"| status | {status}{UNCHANGED_NOTE if status == 'unchanged' else ''} |",
         f"| data hash | `{result.get('data_hash') or '—'}` |",
         f"| rows | {result.get('rows') if result.get('rows') is not None else '—'} |",
+        *([f"| rows without a label (left out) | {n} |"] if (n := result.get("rows_unlabeled")) else []),
         f"| event-time window | {window} |",
         f"| deploy | {'yes: this version is `champion`' if should_deploy(result) else 'no'} |",
         f"| exit code | {code} |",
@@ -202,10 +213,14 @@ def render_report(result: dict) -> str:
         champ_version = gate.get("champion_version")
         label = f"champion (v{champ_version})" if champ_version else "champion (none)"
         lines += ["### Metrics (holdout)", ""]
-        lines += _metrics_table(gate.get("candidate") or metrics, gate.get("champion"), label, gate.get("metric"))
+        baseline, baseline_label = gate.get("baseline"), f"baseline ({gate.get('baseline_model') or 'trivial'})"
+        lines += _metrics_table(
+            gate.get("candidate") or metrics, gate.get("champion"), label, gate.get("metric"), baseline, baseline_label
+        )
         lines += ["", "### Gate", ""]
         passed = gate.get("passed", result.get("promoted", False))
-        head = f"v{champ_version}" if champ_version else "none (first model: held to the absolute floors only)"
+        first = "the trivial baseline and the floors set" if baseline is not None else "the absolute floors only"
+        head = f"v{champ_version}" if champ_version else f"none (first model: held to {first})"
         lines.append(f"**{'PASSED' if passed else 'FAILED'}**. Primary metric: `{gate.get('metric', '—')}`. "
                      f"Champion: {head}.")  # fmt: skip
         reasons = gate.get("reasons") or []
@@ -248,13 +263,11 @@ def recorded_gate(model_name: str, version: str) -> dict:
     }
 
 
-def _precheck(spec: Path | None, data: str | None, params: Path | None, settings) -> None:
-    """Fail on a bad spec or params file before any server starts (as `flywheel train` does)."""
-    from flywheel.core.spec import load_spec
-    from flywheel.tasks.training import load_model_specs
+def _precheck(spec: Path | None, data: str | None, params: Path | None, start, end, model_name) -> None:
+    """Fail on a bad spec, params file or data before any server starts (the checks of `flywheel train`)."""
+    from flywheel.cli.precheck import check_train_input
 
-    ds = load_spec(spec or settings.spec).with_overrides(source=data or settings.data)
-    load_model_specs(params, ds.task)
+    check_train_input(spec, data, params, start, end, model_name)
 
 
 def write_outputs(result: dict, report_path: Path, summary_env: str = "GITHUB_STEP_SUMMARY") -> str:
@@ -303,7 +316,7 @@ def run_ci(
     name = model_name or settings.model_name
 
     try:
-        _precheck(spec, data, params, settings)
+        _precheck(spec, data, params, start, end, model_name)
     except (UserError, ValueError) as exc:  # ValueError: pydantic's complaint about an inconsistent spec
         return _error(exc, name, report_path, summary_env, echo)
 

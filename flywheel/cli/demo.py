@@ -33,6 +33,9 @@ class DemoError(UserError, RuntimeError):
 
 @dataclass
 class MonthRow:
+    """One replayed month. `live_f1` and `champion_holdout_f1` hold the task's primary metric, named in `metric`
+    (F1 of the positive class for binary tasks, macro F1 for multiclass, RMSE for regression)."""
+
     month: str
     rows_sent: int
     serving_errors: int
@@ -45,6 +48,39 @@ class MonthRow:
     champion_version: str
     champion_holdout_f1: float | None
     note: str = ""
+    metric: str = "f1"
+
+
+METRIC_LABELS = {"f1": "F1", "f1_macro": "macro F1", "rmse": "RMSE"}
+
+
+def live_score(truth: list, preds: list, spec) -> float | None:
+    """Served predictions against the labels on the task's primary metric: F1 of the positive class, macro F1 over
+    the classes, or RMSE. Rows without a label are left out; labels compare as text (JSON gives 1 for 1.0)."""
+    import numpy as np
+    from sklearn import metrics as skm
+
+    from flywheel.tasks.training import positive_label
+
+    y, p = pd.Series(truth, dtype=object), pd.Series(preds, dtype=object)
+    known = y.notna().to_numpy()
+    y, p = y[known], p[known]
+    if y.empty:
+        return None
+    if spec.task == "regression":
+        return float(np.sqrt(skm.mean_squared_error(y.astype(float), p.astype(float))))
+    y, p = y.map(_label_text), p.map(_label_text)
+    if spec.task == "multiclass":
+        return float(skm.f1_score(y, p, average="macro", zero_division=0))
+    positive = _label_text(positive_label(pd.Series(truth).dropna(), spec))
+    return float(skm.f1_score(y, p, pos_label=positive, zero_division=0))
+
+
+def _label_text(value) -> str:
+    """A label as text, whole-number floats as integers (a JSON 1.0 is the class 1)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _wait(what: str, check: Callable[[], object], timeout: float, interval: float = 1.0):
@@ -78,10 +114,11 @@ class Loop:
         except Exception:  # noqa: BLE001 - no model or no alias yet
             return None
 
-    def holdout_f1(self, version) -> float | None:
+    def holdout_f1(self, version, metric: str = "f1") -> float | None:
+        """The version's logged holdout metric (F1 by default; the task's primary metric)."""
         if version is None or not version.run_id:
             return None
-        return self.client.get_run(version.run_id).data.metrics.get("holdout_f1")
+        return self.client.get_run(version.run_id).data.metrics.get(f"holdout_{metric}")
 
     def newest_version(self) -> str | None:
         versions = self.client.search_model_versions(f"name = '{self.name}'")
@@ -105,10 +142,10 @@ class Loop:
 
         _wait(f"the model server to serve v{version}", done, timeout)
 
-    def send(self, frame: pd.DataFrame, columns: list[str], target: str, batch: int = 500) -> tuple[int, float | None]:
-        """Score the rows through the model server in batches; (rows that failed, live F1 against the labels)."""
-        from sklearn.metrics import f1_score
-
+    def send(self, frame: pd.DataFrame, columns: list[str], spec, batch: int = 500) -> tuple[int, float | None]:
+        """Score the rows through the model server in batches; (rows that failed, the live primary metric against
+        the labels: F1, macro F1 or RMSE)."""
+        target = spec.target
         errors, preds, truth = 0, [], []
         for i in range(0, len(frame), batch):
             part = frame.iloc[i : i + batch]
@@ -119,8 +156,7 @@ class Loop:
                 continue
             preds.extend(resp.json()["predictions"])
             truth.extend(part[target].tolist())
-        live_f1 = float(f1_score(truth, [int(p) for p in preds])) if truth else None
-        return errors, live_f1
+        return errors, live_score(truth, preds, spec)
 
     def wait_request_log_flushed(self, timeout: float = 60) -> None:
         token = self.s.secret("admin_token")
@@ -179,9 +215,11 @@ def replay(loop: Loop, months: int | None = None) -> list[MonthRow]:
     from flywheel.flows.check_drift import check_drift
     from flywheel.flows.train import train as train_flow
     from flywheel.tasks import data
+    from flywheel.tasks.evaluation import primary_metric
 
     s, echo = loop.s, loop.echo
     spec = load_spec(s.spec)
+    metric = primary_metric(spec.task)
     echo(f"Training {loop.name} on {FIRST_TRAIN[0]} .. {FIRST_TRAIN[1]} ...")
     first = train_flow(start=FIRST_TRAIN[0], end=FIRST_TRAIN[1])
     champion = loop.champion()
@@ -195,7 +233,7 @@ def replay(loop: Loop, months: int | None = None) -> list[MonthRow]:
     rows: list[MonthRow] = []
     for lo, hi in month_bounds()[:months]:
         month = data.window(flights, spec.event_time, lo, hi)
-        errors, live_f1 = loop.send(month, columns, spec.target)
+        errors, live_f1 = loop.send(month, columns, spec)
         loop.wait_request_log_flushed()
         t0 = time.time()
         # The check-drift flow in this process (a flow run in the Prefect UI like the cron deployment's, without a
@@ -205,7 +243,7 @@ def replay(loop: Loop, months: int | None = None) -> list[MonthRow]:
             month=lo[:7], rows_sent=len(month), serving_errors=errors, live_f1=live_f1,
             drift_share=verdict.get("drift_share"), dataset_drift=verdict.get("dataset_drift"),
             retrained=bool(verdict.get("retrain")), new_version=None, promoted=False,
-            champion_version=champion.version, champion_holdout_f1=loop.holdout_f1(champion),
+            champion_version=champion.version, champion_holdout_f1=loop.holdout_f1(champion, metric), metric=metric,
         )  # fmt: skip
         if row.retrained:
             before = loop.newest_version()
@@ -218,7 +256,7 @@ def replay(loop: Loop, months: int | None = None) -> list[MonthRow]:
             if now is not None and now.version != champion.version:
                 row.promoted, champion = True, now
                 loop.wait_serving(champion.version)
-                row.champion_version, row.champion_holdout_f1 = champion.version, loop.holdout_f1(champion)
+                row.champion_version, row.champion_holdout_f1 = champion.version, loop.holdout_f1(champion, metric)
             elif row.new_version:
                 gate = loop.client.get_model_version(loop.name, row.new_version).tags.get("gate_reasons", "")
                 row.note = row.note or f"v{row.new_version} kept as challenger: {gate[:160]}"
@@ -233,15 +271,19 @@ def _format_row(r: MonthRow) -> str:
     share = f"{r.drift_share:.2f}" if r.drift_share is not None else "-"
     f1 = f"{r.live_f1:.3f}" if r.live_f1 is not None else "-"
     hf1 = f"{r.champion_holdout_f1:.3f}" if r.champion_holdout_f1 is not None else "-"
+    label = METRIC_LABELS.get(r.metric, r.metric)
     return (
         f"{r.month}  rows {r.rows_sent:>6}  drift {share:>5}  retrained {'yes' if r.retrained else 'no ':3}  "
-        f"promoted {'yes' if r.promoted else 'no ':3}  champion v{r.champion_version:<3} holdout F1 {hf1}  "
-        f"live F1 {f1}  serving errors {r.serving_errors}"
+        f"promoted {'yes' if r.promoted else 'no ':3}  champion v{r.champion_version:<3} holdout {label} {hf1}  "
+        f"live {label} {f1}  serving errors {r.serving_errors}"
     )
 
 
 def summary_table(rows: list[MonthRow]) -> str:
-    head = "| month | drift share | retrained? | promoted? | champion | holdout F1 | live F1 | serving errors |"
+    label = METRIC_LABELS.get(rows[0].metric, rows[0].metric) if rows else "F1"
+    head = (
+        f"| month | drift share | retrained? | promoted? | champion | holdout {label} | live {label} | serving errors |"
+    )
     lines = [head, "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
@@ -264,8 +306,9 @@ def chart(rows: list[MonthRow], path: Path, drift_share_threshold: float) -> Pat
     months = [r.month for r in rows]
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
     ax.plot(months, [r.drift_share or 0 for r in rows], "o-", label="drift share (Evidently)")
-    ax.plot(months, [r.live_f1 or 0 for r in rows], "s-", label="live F1 (served predictions vs labels)")
-    ax.plot(months, [r.champion_holdout_f1 or 0 for r in rows], "^--", label="champion holdout F1")
+    label = METRIC_LABELS.get(rows[0].metric, rows[0].metric) if rows else "F1"
+    ax.plot(months, [r.live_f1 or 0 for r in rows], "s-", label=f"live {label} (served predictions vs labels)")
+    ax.plot(months, [r.champion_holdout_f1 or 0 for r in rows], "^--", label=f"champion holdout {label}")
     ax.axhline(drift_share_threshold, color="grey", lw=0.8, ls=":", label=f"drift threshold {drift_share_threshold}")
     for i, r in enumerate(rows):
         if r.promoted:
@@ -273,7 +316,8 @@ def chart(rows: list[MonthRow], path: Path, drift_share_threshold: float) -> Pat
             ax.annotate(f"v{r.champion_version}", (i, 0.97), ha="center", color="green", fontsize=8)
         elif r.retrained:
             ax.annotate("retrained,\nnot promoted", (i, 0.9), ha="center", color="darkorange", fontsize=7)
-    ax.set_ylim(0, 1.02)
+    if all(r.metric != "rmse" for r in rows):  # scores in [0, 1]; an RMSE has the target's scale
+        ax.set_ylim(0, 1.02)
     ax.set_title("Flywheel demo: drift and quality month by month (green: new champion deployed)")
     ax.legend(loc="lower left", fontsize=8)
     ax.tick_params(axis="x", rotation=45)

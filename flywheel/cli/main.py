@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -19,14 +19,17 @@ app = typer.Typer(
 @app.callback()
 def main() -> None:
     """Flywheel's commands; settings come from FLYWHEEL_* variables and .env."""
+    from flywheel.cli.tracebacks import hide_user_error_tracebacks
     from flywheel.core.settings import get_settings
     from flywheel.stack import local
 
     # Before anything imports Prefect: it reads PREFECT_API_URL once, at import (a running stack's, if any).
     local.prepare_env(get_settings())
+    # A flow run that fails on a user's mistake: its message, printed by the command, and no traceback from Prefect.
+    hide_user_error_tracebacks()
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception) -> NoReturn:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=1)
 
@@ -55,29 +58,29 @@ def train(
     """Run the `train` flow: pull → validate → train → evaluate → register → gate → promote.
 
     Uses MLFLOW_TRACKING_URI when set; otherwise a running `flywheel up` stack, otherwise it starts a local
-    MLflow server (SQLite + local artifacts in the state dir) for the run and stops it afterwards.
+    MLflow server (SQLite + local artifacts in the state dir) for the run and stops it afterwards. The spec, the
+    params file and the data itself are checked first, before any server starts.
     """
+    from flywheel.cli.precheck import check_train_input
     from flywheel.core.settings import get_settings
     from flywheel.core.spec import load_spec
     from flywheel.stack import local
-    from flywheel.tasks.training import load_model_specs
 
     settings = get_settings()
     try:
-        # Check everything the user typed before any server starts.
         split = lambda s: [c.strip() for c in s.split(",") if c.strip()] if s else None  # noqa: E731
-        ds = load_spec(spec or settings.spec).with_overrides(
-            source=data or settings.data, target=target, task=task_type, positive_class=positive_class,
+        base = load_spec(spec or settings.spec)
+        ds = _with_overrides(
+            base, source=data or settings.data, target=target, task=task_type, positive_class=positive_class,
             numeric=split(numeric), categorical=split(categorical), drop=split(drop), event_time=event_time,
         )  # fmt: skip
-        load_model_specs(params, ds.task)
+        spec_file = _write_effective_spec(settings, ds) if ds != base else spec
+        checked = check_train_input(spec_file, None, params, start, end, model_name)
     except UserError as exc:
         _fail(exc)
-    except ValueError as exc:  # pydantic's complaint about an inconsistent override
-        _fail(exc)
+    typer.echo(checked.summary())
 
     local.prepare_env(settings)
-    spec_file = _write_effective_spec(settings, ds) if ds != load_spec(spec or settings.spec) else spec
     try:
         with local.tracking_server(settings) as uri:
             from flywheel.flows.train import train as train_flow
@@ -246,6 +249,19 @@ def rotate_webhook_secret() -> None:
     typer.echo("webhook secret rotated (MLflow webhook updated; the bridge accepts the old one for a grace period)")
 
 
+def _with_overrides(base, **overrides):
+    """The spec with the command-line flags applied; an inconsistent result is the user's SpecError."""
+    from pydantic import ValidationError
+
+    from flywheel.core.spec import SpecError
+
+    try:
+        return base.with_overrides(**overrides)
+    except ValidationError as exc:
+        msgs = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        raise SpecError(f"dataset spec with the command-line options is invalid: {msgs}") from exc
+
+
 def _write_effective_spec(settings, ds) -> Path:
     """CLI overrides become a spec file in the state dir so the flow run records exactly what it used."""
     import yaml
@@ -268,6 +284,9 @@ def _print_train_result(result: dict) -> None:
         typer.echo(f"registered {result['model_name']} v{result['version']}: {verdict}")
         for reason in (result.get("gate") or {}).get("reasons", []):
             typer.echo(f"  - {reason}")
+    unlabeled = result.get("rows_unlabeled")  # the flow's count, where it reports one
+    if unlabeled is not None:
+        typer.echo(f"rows without a label (not trained on): {unlabeled}")
     typer.echo(json.dumps({k: result[k] for k in ("model_name", "version", "promoted", "metrics")}, indent=2))
 
 

@@ -25,12 +25,20 @@ class Settings(BaseSettings):
     spec: Path | None = Field(None, description="Dataset spec YAML; the flights demo when unset.")
     data: str | None = Field(None, description="Override of the spec's source URI.")
 
-    # Quality gate: absolute floors and the uplift a challenger needs over the champion.
-    gate_min_f1: float = 0.30
-    gate_min_roc_auc: float = 0.60
-    gate_max_rmse: float | None = None
-    gate_min_r2: float = 0.0
+    # Quality gate. Every model must beat a trivial baseline (the majority class, or the mean for regression) on the
+    # same holdout by `gate_baseline_margin`, and a challenger the champion by `gate_min_uplift`. Absolute floors
+    # are off unless set (here or in the dataset spec's `gate:` section, which wins for its model).
+    gate_baseline_margin: float = Field(
+        0.02, description="Margin over the trivial baseline: absolute for scores (F1, ROC-AUC), relative for RMSE."
+    )
     gate_min_uplift: float = 0.005
+    gate_min_f1: float | None = None
+    gate_min_roc_auc: float | None = None
+    gate_min_f1_macro: float | None = None
+    gate_min_accuracy: float | None = None
+    gate_max_rmse: float | None = None
+    gate_max_mae: float | None = None
+    gate_min_r2: float | None = None
 
     # Validation.
     min_rows: int = Field(200, description="Fewest labelled rows a training table may have.")
@@ -71,6 +79,9 @@ class Settings(BaseSettings):
     smoke_max_error_rate: float = 0.0
     smoke_max_p50_ms: float = 500.0
     build_images: bool = Field(True, description="Build a Docker image when an engine is reachable.")
+    compile_models: bool = Field(
+        True, description="Compile a version to ONNX when it is packaged and serve it compiled after a parity check."
+    )
     kubernetes_namespace: str = "flywheel"
 
     # Schedules of the Prefect deployments (deployments/definitions.py) and how many runs `serve` executes at once.

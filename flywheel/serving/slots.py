@@ -3,7 +3,9 @@
 The server has two slots (active and standby, see flywheel.serving.server). Loading runs in a worker thread only:
 it resolves a version or alias of the configured model in the configured registry, downloads the version and loads
 it with `mlflow.pyfunc.load_model` (or, for an upstream slot, only its metadata: see flywheel.serving.upstream),
-then predicts the saved input example once, so the first request is not the slow one.
+then predicts the saved input example once, so the first request is not the slow one. A version packaged by
+deploy-model is served by its compiled form when that passed parity (flywheel.serving.compiled); its pyfunc model is
+then loaded only when a request first needs it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flywheel.core.timeutil import epoch_iso
+from flywheel.serving.compiled import UPSTREAM_REASON, LazyPyFunc, engine_of, load_engine, warm_up
 from flywheel.serving.errors import ApiError, _clip
 from flywheel.serving.upstream import _Upstream, _upstream_model
 
@@ -24,7 +27,7 @@ class Slot:
     """One loaded model version."""
 
     version: str
-    model: Any  # mlflow.pyfunc.PyFuncModel
+    model: Any  # mlflow.pyfunc.PyFuncModel (or a LazyPyFunc beside a compiled model, or an _Upstream)
     input_schema: Any
     run_id: str | None
     source: str
@@ -36,6 +39,8 @@ class Slot:
     float_cols: frozenset = frozenset()  # input columns of float/double type (see parsing._VALUE_CLASS)
     warmup_error: str | None = None
     upstream: str | None = None  # base URL of the process that predicts for this slot; None: in this process
+    compiled: Any = None  # flywheel.tasks.compiling.CompiledModel when the compiled form serves; None: pyfunc
+    engine_reason: str = ""  # why it is (not) compiled, e.g. "compiled: no (2 of 5000 labels differ)"
     activated_at: float | None = None
     was_active: bool = False
     requests: int = 0  # requests this slot answered (any status)
@@ -59,7 +64,19 @@ class Slot:
             "rows": self.rows,
             "warmup_error": self.warmup_error,
             "upstream": self.upstream,
+            "engine": self.engine,
+            "compiled": self.engine_reason,
         }
+
+    @property
+    def engine(self) -> str:
+        """What predicts: `onnxruntime` (the compiled model) or `pyfunc`."""
+        return engine_of(self)
+
+    def needs_thread(self, job: Any) -> bool:
+        """Whether `job` must be scored off the event loop: an upstream slot (network), or a request for the
+        pyfunc model of a compiled slot before that model is loaded (the first one loads it)."""
+        return self.upstream is not None or (job.kind != "compiled" and not getattr(self.model, "loaded", True))
 
 
 def model_ref(model_name: str, version: str | None, alias: str | None) -> str:
@@ -76,10 +93,12 @@ def load_slot(
     registry_uri: str,
     upstream: str | None = None,
     batching: bool = True,
+    compiled: bool = True,
 ) -> Slot:
     """Resolve a version or alias of `model_name` in the registry and load it (or, with `upstream`, its metadata,
-    the predicting being done by the process at that URL). Raises ApiError: 404 when the registry has no such
-    version or alias, 502 when the registry or the load fails; nothing is left on disk then."""
+    the predicting being done by the process at that URL); with `compiled`, its compiled form when it has one that
+    passed parity. Raises ApiError: 404 when the registry has no such version or alias, 502 when the registry or
+    the load fails; nothing is left on disk then."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -109,7 +128,15 @@ def load_slot(
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=download_uri, tracking_uri=tracking_uri, dst_path=dst
             )
-            model = _upstream_model(upstream, local) if upstream else mlflow.pyfunc.load_model(local)
+            engine, reason = None, UPSTREAM_REASON
+            if not upstream:
+                engine, reason = load_engine(client, mv, tempfile.mkdtemp(dir=dst), enabled=compiled)
+            if upstream:
+                model = _upstream_model(upstream, local)
+            elif engine is not None:
+                model = LazyPyFunc(local)
+            else:
+                model = mlflow.pyfunc.load_model(local)
         except ApiError:
             raise
         except Exception as exc:
@@ -127,10 +154,12 @@ def load_slot(
             load_seconds=0.0,
             requested_as=ref,
             upstream=upstream,
+            compiled=engine,
+            engine_reason=reason,
         )
         slot.batchable = batching and _batchable_schema(model)
         slot.float_cols = _float_columns(slot.input_schema)
-        slot.warmup_error = _warm_up(model, local)
+        slot.warmup_error = warm_up(engine, local) if engine is not None else _warm_up(model, local)
         slot.load_seconds = time.perf_counter() - t0
         return slot
     except BaseException:

@@ -6,7 +6,9 @@ import pytest
 
 from flywheel.tasks.gate import GateDecision, GateThresholds, promotion_gate
 
-T = GateThresholds()  # min_f1 0.30, min_roc_auc 0.60, min_r2 0.0, min_uplift 0.005, no RMSE ceiling
+# Absolute floors are off by default (the baseline comparison is the default bar): these tests set the floors the
+# flights demo used to have as defaults, through the same fields FLYWHEEL_GATE_* fill.
+T = GateThresholds(min_f1=0.30, min_roc_auc=0.60, min_r2=0.0)  # min_uplift 0.005, no RMSE ceiling
 
 
 def binary(f1: float, roc_auc: float = 0.75) -> dict[str, float]:
@@ -85,16 +87,17 @@ def test_regression_higher_rmse_fails():
 def test_regression_floors():
     assert promotion_gate(regression(5.0, r2=0.1), None, task="regression", thresholds=T).passed
     assert not promotion_gate(regression(5.0, r2=-0.2), None, task="regression", thresholds=T).passed
-    capped = GateThresholds(max_rmse=4.0)
+    capped = GateThresholds(min_r2=0.0, max_rmse=4.0)
     decision = promotion_gate(regression(5.0), None, task="regression", thresholds=capped)
     assert not decision.passed
     assert "rmse 5.0000 <= 4.0 FAILED (floor)" in decision.reasons
 
 
 def test_floors_per_task():
-    assert GateThresholds().floors("binary") == {"f1": (">=", 0.30), "roc_auc": (">=", 0.60)}
-    assert GateThresholds().floors("regression") == {"r2": (">=", 0.0)}
-    assert GateThresholds(max_rmse=3.0).floors("regression") == {"r2": (">=", 0.0), "rmse": ("<=", 3.0)}
+    assert GateThresholds().floors("binary") == {} and GateThresholds().floors("regression") == {}
+    assert T.floors("binary") == {"f1": (">=", 0.30), "roc_auc": (">=", 0.60)}
+    assert T.floors("regression") == {"r2": (">=", 0.0)}
+    assert GateThresholds(min_r2=0.0, max_rmse=3.0).floors("regression") == {"r2": (">=", 0.0), "rmse": ("<=", 3.0)}
 
 
 # --------------------------------------------------------------------------------------------------- the decision

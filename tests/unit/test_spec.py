@@ -95,7 +95,7 @@ def test_empty_spec_file_names_the_required_keys(tmp_path):
 
 
 def test_unknown_task_is_refused(tmp_path):
-    path = write(tmp_path, "source: x.csv\ntarget: y\ntask: multiclass\nnumeric: [a]\n")
+    path = write(tmp_path, "source: x.csv\ntarget: y\ntask: ranking\nnumeric: [a]\n")
     with pytest.raises(SpecError, match="task"):
         load_spec(path)
 
