@@ -48,7 +48,7 @@ def train(
     end: Annotated[str | None, typer.Option(help="Event-time window end (exclusive), e.g. 2013-03-01.")] = None,
     model_name: Annotated[str | None, typer.Option("--model-name", help="Registered model name.")] = None,
     target: Annotated[str | None, typer.Option(help="Override the spec's target column.")] = None,
-    task_type: Annotated[str | None, typer.Option("--task", help="binary or regression.")] = None,
+    task_type: Annotated[str | None, typer.Option("--task", help="binary, multiclass or regression.")] = None,
     positive_class: Annotated[str | None, typer.Option("--positive-class", help="Positive class label.")] = None,
     numeric: Annotated[str | None, typer.Option(help="Comma-separated numeric feature columns.")] = None,
     categorical: Annotated[str | None, typer.Option(help="Comma-separated categorical feature columns.")] = None,
