@@ -212,6 +212,37 @@ def test_regression_on_diabetes_within_one_millionth(tmp_path):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
 
 
+def test_multiclass_labels_and_a_forest_whose_nulls_are_left_to_pyfunc(tmp_path):
+    """Three string classes; a RandomForest (its converted trees route a missing value unlike scikit-learn's)
+    compiles with the nulls of those columns scored by pyfunc, and every other row compiled."""
+    import mlflow.pyfunc
+    import mlflow.sklearn
+    from mlflow.models import infer_signature
+    from sklearn.datasets import load_iris
+    from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+
+    X, y = load_iris(return_X_y=True, as_frame=True)
+    y = y.map({0: "setosa", 1: "versicolor", 2: "virginica"})
+    for i, model in enumerate(
+        (HistGradientBoostingClassifier(max_iter=30), RandomForestClassifier(30, random_state=0))
+    ):
+        model.fit(X, y)
+        mlflow.sklearn.save_model(model, tmp_path / f"m{i}", signature=infer_signature(X, model.predict(X)),
+                                  serialization_format="cloudpickle")  # fmt: skip
+        pm = mlflow.pyfunc.load_model(str(tmp_path / f"m{i}"))
+        verdict = compiling.compile_model(pm, X, sample_source="iris")
+        assert verdict.ok, verdict.reason
+        compiled = compiling.CompiledModel(verdict.onnx, verdict.plan)
+        enc = compiled.encode("dataframe_records", compiling.json_records(X))
+        got, unsure = compiled.predict(enc.feeds, enc.n)
+        assert unsure is None and got.tolist() == pm.predict(X).tolist() and got.dtype == object
+        with_null = {**compiling.json_records(X.iloc[:1])[0], "petal width (cm)": None}
+        served_compiled = compiled.encode("dataframe_records", [with_null]) is not None
+        assert served_compiled == isinstance(model, HistGradientBoostingClassifier)
+        if not served_compiled:
+            assert "is scored by pyfunc" in verdict.reason and verdict.parity["nulls_to_pyfunc"]
+
+
 def test_a_native_categorical_booster_is_refused_with_the_reason(tmp_path, january_split):
     import mlflow.pyfunc
     import mlflow.sklearn
