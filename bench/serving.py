@@ -216,6 +216,7 @@ def register_models(model_name: str, train_rows: int, root: Path) -> tuple[Any, 
     """Register the champion (the first version) and three others: (held-out pool, [(version, what it is)], what
     the champion is)."""
     from mlflow.models import infer_signature
+    from sklearn.base import clone
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import FunctionTransformer
 
@@ -245,7 +246,8 @@ def register_models(model_name: str, train_rows: int, root: Path) -> tuple[Any, 
     logistic = training.train_model(parts, spec, training.ModelSpec(name="lr", estimator="logistic_regression",
                                                                     params={"max_iter": 500}), 42)  # fmt: skip
     versions.append((_log(logistic, X, X, sig(logistic, X), model_name, root), "one-hot + logistic regression"))
-    refused = Pipeline([("log", FunctionTransformer(_log_distance)), *model.steps]).fit(parts.X_train, parts.y_train)
+    steps = clone(model).steps  # unfitted copies: the champion object stays as it is
+    refused = Pipeline([("log", FunctionTransformer(_log_distance)), *steps]).fit(parts.X_train, parts.y_train)
     versions.append((_log(refused, X, X, sig(refused, X), model_name, root), "a FunctionTransformer first"))
     held_out = df.loc[df["month"] != 1]
     pool = training.feature_frame(held_out, spec).dropna().sample(frac=1.0, random_state=7).reset_index(drop=True)

@@ -1135,7 +1135,10 @@ def _parity(
         if unsure is not None:
             served[unsure] = reference[unsure]  # served by pyfunc
         differ = served != reference
-        bad = differ if row_dp is None else differ | (row_dp > PROBA_TOLERANCE)
+        off = np.zeros(n, dtype=bool) if row_dp is None else row_dp > PROBA_TOLERANCE
+        if off.any():  # probabilities beyond the tolerance: no margin guards these rows, count them as computed
+            differ |= off & (got != reference)
+        bad = differ | off
         parity.update(labels_differ=int(differ.sum()), unsure_rows=int(unsure.sum()) if unsure is not None else 0,
                       margin=out.margin)  # fmt: skip
         if row_dp is not None:

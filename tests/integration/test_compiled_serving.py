@@ -62,6 +62,7 @@ def versions(mlflow_server, tmp_path_factory, january_split, flights_model, monk
     """v1 the flights model, v2 a FunctionTransformer-first pipeline; both packaged (compiled) as deploy-model does."""
     import mlflow
     from mlflow.models import infer_signature
+    from sklearn.base import clone
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import FunctionTransformer
 
@@ -75,7 +76,7 @@ def versions(mlflow_server, tmp_path_factory, january_split, flights_model, monk
     X, holdout = january_split.X_train, january_split.X_test
     # not a cast (and a lambda, so cloudpickle keeps it by value: the model server process can load it)
     log_distance = FunctionTransformer(lambda frame: frame.assign(distance=np.log1p(frame["distance"])))
-    refused = Pipeline([("log", log_distance), *flights_model.steps]).fit(X, january_split.y_train)
+    refused = Pipeline([("log", log_distance), *clone(flights_model).steps]).fit(X, january_split.y_train)
     out = {}
     for name, model in (("flights", flights_model), ("refused", refused)):
         with mlflow.start_run():

@@ -90,6 +90,7 @@ def registry(tmp_path_factory, january, january_split, flights_model, flights_sp
     import mlflow
     from mlflow.models import infer_signature
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    from sklearn.base import clone
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import FunctionTransformer
 
@@ -117,7 +118,7 @@ def registry(tmp_path_factory, january, january_split, flights_model, flights_sp
 
         client = reg.client(uri)
         versions = {"flights": log(flights_model, X, holdout)}
-        refused = Pipeline([("log", FunctionTransformer(_log_distance)), *flights_model.steps])
+        refused = Pipeline([("log", FunctionTransformer(_log_distance)), *clone(flights_model).steps])
         refused.fit(X, january_split.y_train)
         versions["refused"] = log(refused, X, holdout)
         versions["forced"] = log(flights_model, X, holdout)
