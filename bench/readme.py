@@ -38,14 +38,15 @@ def _value(result: common.BenchResult, name: str) -> float | None:
 
 
 def _machine_line(results: Sequence[common.BenchResult]) -> str:
-    machine = next((r.machine for r in results if r.machine), {})
+    latest = max((r for r in results if r.machine), key=lambda r: r.started_at, default=None)
+    machine = latest.machine if latest is not None else {}
     libs = machine.get("libraries") or {}
     parts = [f"{machine.get('cpu_count', '?')} × {machine.get('cpu_model', 'unknown CPU')}",
              str(machine.get("system", "")), f"Python {machine.get('python', '?')}"]  # fmt: skip
     parts += [f"{k} {libs[k]}" for k in ("prefect", "mlflow", "scikit-learn", "evidently") if k in libs]
     load = machine.get("load_average_at_start")
     if load:
-        parts.append(f"load average {load[0]} when the run started (other jobs share the machine)")
+        parts.append(f"load average {load[0]} when the latest run ({latest.name}) started (other jobs share it)")
     return ", ".join(p for p in parts if p)
 
 
