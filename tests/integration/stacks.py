@@ -79,6 +79,11 @@ def running_stack(state: Path, model: str, **extra_env: str) -> Iterator[tuple]:
             get_settings.cache_clear()
 
 
+def served_version(urls) -> str | None:
+    """The version the stack's production model server answers with (its /version)."""
+    return httpx.get(urls["model_url"] + "/version", timeout=5).json()["model_version"]
+
+
 class Traffic:
     """A client sending one-row scoring requests in a thread (`with Traffic(url, records) as t:`) for as long as
     the block runs; what each request got: `statuses` and the serving `versions` (X-Flywheel-Model-Version)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
-from stacks import Traffic, running_stack, wait_for
+from stacks import Traffic, running_stack, served_version, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -42,10 +42,6 @@ def client(stack):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=stack[1]["mlflow_url"])
-
-
-def served_version(urls) -> str | None:
-    return httpx.get(urls["model_url"] + "/version", timeout=5).json()["model_version"]
 
 
 def run_cli(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:

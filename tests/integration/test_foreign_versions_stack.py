@@ -19,7 +19,7 @@ import time
 import httpx
 import pandas as pd
 import pytest
-from stacks import Traffic, running_stack, wait_for
+from stacks import Traffic, running_stack, served_version, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -70,10 +70,6 @@ def notebook(stack):
     mlflow.set_tracking_uri(stack[1]["mlflow_url"])
     mlflow.set_experiment("a-notebook")
     return mlflow
-
-
-def served_version(urls) -> str | None:
-    return httpx.get(urls["model_url"] + "/version", timeout=5).json()["model_version"]
 
 
 def deploy_runs(urls, version: str) -> list[dict]:
