@@ -277,13 +277,15 @@ def test_a_pipeline_skl2onnx_cannot_convert_serves_pyfunc_with_its_reason(regist
 
 
 def test_a_version_whose_compiled_output_differs_never_serves_compiled(registry, pyfunc_models, feb, monkeypatch):
-    original = compiling._convert
+    from flywheel.tasks.compiling import compile as compile_step
+
+    original = compile_step._convert
 
     def differing(*args, **kwargs):
         onnx_bytes, plan = original(*args, **kwargs)
         return _shift_baseline(onnx_bytes, 0.4), plan
 
-    monkeypatch.setattr(compiling, "_convert", differing)
+    monkeypatch.setattr(compile_step, "_convert", differing)
     version = registry["versions"]["forced"]
     verdict = compiling.compile_version(registry["client"], MODEL, version)
     monkeypatch.undo()
