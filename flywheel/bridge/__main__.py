@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from pathlib import Path
@@ -14,6 +15,8 @@ from flywheel.bridge.webhooks import WEBHOOK_PATH
 
 logger = logging.getLogger("flywheel.bridge")
 
+MAX_CONNECTIONS = 256  # beyond this many open connections a delivery is answered 503 (MLflow retries it)
+
 
 def run_bridge(
     host: str,
@@ -22,15 +25,30 @@ def run_bridge(
     state_dir: Path,
     emit: Emit = prefect_emit,
     log_level: str = "info",
+    tracking_uri: str | None = None,
 ) -> None:
-    """Serve the bridge with uvicorn until interrupted."""
+    """Serve the bridge with uvicorn until interrupted; deliveries are checked against the MLflow registry at
+    `tracking_uri` (default MLFLOW_TRACKING_URI)."""
     import uvicorn
 
-    app = create_bridge_app(secret, Path(state_dir), emit=emit)
+    from flywheel.bridge.refusals import RegistryCheck
+    from flywheel.core.http_server import uvicorn_limits
+
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    registry = RegistryCheck(tracking_uri) if tracking_uri else None
+    if registry is None or not registry.enabled:
+        logger.warning("no MLflow server to check deliveries against (MLFLOW_TRACKING_URI %s): names are checked, "
+                       "existence is not", "unset" if not tracking_uri else "is not http(s)")  # fmt: skip
+    app = create_bridge_app(secret, Path(state_dir), emit=emit, registry=registry)
     if emit is prefect_emit and not os.environ.get("PREFECT_API_URL"):
         logger.warning("PREFECT_API_URL is not set: every delivery will be answered 503 until it is")
     logger.info("bridge listening on http://%s:%s%s", host, port, WEBHOOK_PATH)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    # Connection limit and the header/body deadlines uvicorn lacks (flywheel.core.http_server).
+    limits = uvicorn_limits(
+        max_connections=MAX_CONNECTIONS,
+        error_body=lambda code, message: json.dumps({"status": "error", "error": message}).encode(),
+    )
+    uvicorn.run(app, host=host, port=port, log_level=log_level, **limits)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,12 +16,13 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from flywheel.bridge.deliveries import DELIVERIES_DB, DeliveryLog
 from flywheel.bridge.emit import Emit, prefect_emit
+from flywheel.bridge.refusals import RegistryCheck, name_problem
 from flywheel.bridge.secrets import SecretRing
 from flywheel.bridge.signing import DELIVERY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, signature_valid
 from flywheel.bridge.webhooks import EVENTS, WEBHOOK_PATH
@@ -88,11 +89,14 @@ def create_bridge_app(
     emit: Emit = prefect_emit,
     max_age_seconds: float = DEFAULT_MAX_AGE_SECONDS,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    registry: RegistryCheck | None = None,
 ) -> Starlette:
     """The bridge as an ASGI app: `POST /webhooks/mlflow` and `GET /health`.
 
     `secret` is the webhook secret (the state dir's `webhook_secret`, and its rotations, are accepted too);
-    `emit` hands an event to Prefect and raises when it cannot (tests inject a recorder).
+    `emit` hands an event to Prefect and raises when it cannot (tests inject a recorder). A delivery whose names
+    MLflow could not have sent is refused (422); with `registry`, so is one naming a model or version that is
+    not in the registry (422), and one the registry cannot vouch for right now gets 503 (MLflow retries it).
     """
     state_dir = Path(state_dir)
     ring = SecretRing(secret, state_dir)
@@ -110,6 +114,17 @@ def create_bridge_app(
         name, alias = str(data["name"]), data.get("alias")
         alias = str(alias) if alias not in (None, "") else None
         version = str(data["version"]) if data.get("version") not in (None, "") else None
+        problem = name_problem(name, alias, version)
+        if problem is None and registry is not None:
+            verdict = registry.check(name, None if mlflow_event == "model_version_alias.deleted" else version)
+            if verdict.exists is None:
+                logger.warning("delivery %s: not checked against the registry (%s): retry", delivery_id,
+                               verdict.reason)  # fmt: skip
+                return _error(503, verdict.reason, **{"Retry-After": "2"})
+            problem = None if verdict.exists else verdict.reason
+        if problem is not None:
+            logger.warning("delivery %s: %s refused, not emitted: %s", delivery_id, mlflow_event, problem)
+            return JSONResponse({"status": "refused", "error": problem, "delivery_id": delivery_id}, status_code=422)
         now = time.time()
         # A replay is refused by the timestamp check once |now - ts| > max_age: remember the id until then.
         expires_at = max(now, header_ts) + max_age_seconds + 60
@@ -180,6 +195,8 @@ def create_bridge_app(
             return await run_in_threadpool(deliver, delivery_id, header_ts, mlflow_event, data, body_ts)
         except BadContentLength:
             return _error(400, "invalid Content-Length")
+        except ClientDisconnect:  # the sender left, or its body missed the deadline (flywheel.core.http_server)
+            return _error(408, "the request body did not arrive")
         except BodyTooLarge:
             return _error(413, f"body larger than {max_body_bytes} bytes")
         except _BadRequest as exc:
@@ -191,4 +208,5 @@ def create_bridge_app(
     app = Starlette(routes=[Route("/health", health, methods=["GET"]), Route(WEBHOOK_PATH, webhook, methods=["POST"])])
     app.state.deliveries = deliveries
     app.state.secret_ring = ring
+    app.state.registry = registry
     return app

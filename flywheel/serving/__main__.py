@@ -13,6 +13,8 @@ from typing import Any
 
 from flywheel.serving.server import DEFAULT_MAX_BODY_BYTES
 
+KEEP_ALIVE_SECONDS = 30  # an idle kept-alive client connection is closed after this
+
 
 def run(
     host: str = "127.0.0.1",
@@ -29,14 +31,16 @@ def run(
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import uvicorn
 
+    from flywheel.core.http_server import uvicorn_limits
     from flywheel.serving.app import create_app
+    from flywheel.serving.errors import _error_body
     from flywheel.serving.server import ModelServer
 
     server_kwargs.setdefault("freeze_gc", True)
     app = create_app(ModelServer(**server_kwargs))
-    uvicorn.run(
-        app, host=host, port=port, log_level=log_level, access_log=access_log, lifespan="on", timeout_keep_alive=30
-    )
+    # Connection limit, keep-alive, and the header/body deadlines uvicorn lacks (flywheel.core.http_server).
+    limits = uvicorn_limits(keep_alive_seconds=KEEP_ALIVE_SECONDS, error_body=_error_body)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log, lifespan="on", **limits)
 
 
 def _parser() -> argparse.ArgumentParser:

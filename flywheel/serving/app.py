@@ -24,7 +24,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -35,6 +35,7 @@ from flywheel.serving.parsing import (
     CSV,
     JSON,
     PARQUET,
+    check_json_depth,
     decode_csv,
     decode_json,
     media_type,
@@ -93,12 +94,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
         raise ApiError(400, "BAD_REQUEST", str(exc)) from None
     except BodyTooLarge as exc:
         raise ApiError(413, "REQUEST_TOO_LARGE", str(exc)) from None
+    except ClientDisconnect:  # the client left, or its body missed the deadline (flywheel.core.http_server)
+        raise ApiError(408, "REQUEST_TIMEOUT", "the request body did not arrive: the connection closed") from None
 
 
 async def _admin_json(request: Request, limit: int) -> dict:
     body = await _read_body(request, limit)
     if not body.strip():
         return {}
+    check_json_depth(body)
     try:
         decoded = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:

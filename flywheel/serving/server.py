@@ -29,7 +29,7 @@ import numpy as np
 
 from flywheel.core.timeutil import epoch_iso
 from flywheel.serving.batching import MicroBatcher, _Job, _Outcome
-from flywheel.serving.errors import ApiError, _clip
+from flywheel.serving.errors import ApiError, _clip, _error_body
 from flywheel.serving.metrics import _Metrics
 from flywheel.serving.parsing import json_job
 from flywheel.serving.request_log import RequestLogWriter
@@ -327,16 +327,12 @@ class ModelServer:
         latencies, failures = [], []
         for i, rec in enumerate(records):
             t0 = time.perf_counter()
-            job = self._json_job(slot, {"dataframe_records": [rec]}, rid=f"smoke-{i}")
-            job.record = False
-            out = self._score_one(job)
+            out = self._smoke_score(slot, {"dataframe_records": [rec]}, f"smoke-{i}")
             latencies.append((time.perf_counter() - t0) * 1000)
             if out.status != 200:
                 failures.append({"row": i, "status": out.status, "error": json.loads(out.body).get("message")})
         t0 = time.perf_counter()
-        batch_job = self._json_job(slot, {"dataframe_records": list(records)}, rid="smoke-batch")
-        batch_job.record = False
-        batch_out = self._score_one(batch_job)
+        batch_out = self._smoke_score(slot, {"dataframe_records": list(records)}, "smoke-batch")
         batch_ms = (time.perf_counter() - t0) * 1000
         n = len(records)
         error_rate = len(failures) / n
@@ -365,6 +361,15 @@ class ModelServer:
             "reason": "; ".join(reasons),
             "failures": failures[:5],
         }
+
+    def _smoke_score(self, slot: Slot, decoded: dict, rid: str) -> _Outcome:
+        """One smoke request's outcome, unrecorded; a request refused before scoring (a ragged one) fails too."""
+        try:
+            job = self._json_job(slot, decoded, rid=rid)
+        except ApiError as err:
+            return _Outcome(err.status, _error_body(err.code, err.message))
+        job.record = False
+        return self._score_one(job)
 
     # ------------------------------------------------------------------ scoring
     def _json_job(self, slot: Slot, decoded: Any, rid: str, size: int = 0) -> _Job:
