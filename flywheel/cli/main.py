@@ -138,7 +138,8 @@ def ci(
 @app.command()
 def up() -> None:
     """Start the whole stack on 127.0.0.1 (MLflow, Prefect + UI, model servers, webhook bridge, deployments)
-    as supervised child processes; Ctrl-C or SIGTERM stops everything."""
+    as supervised child processes; Ctrl-C or SIGTERM stops everything. A child that dies or freezes is restarted
+    (with backoff and a limit); if `up` itself dies, its watchdog stops every child."""
     from flywheel.core.settings import get_settings
     from flywheel.stack import local
     from flywheel.stack.processes import ServerStartError
@@ -175,39 +176,15 @@ def _print_urls(urls: dict[str, str]) -> None:
 
 @app.command()
 def status() -> None:
-    """What runs, the champion of the model, the last deployment and drift verdict."""
-    import httpx
-
+    """The stack's processes and URLs, then each model's champion, challenger, what serves, the last deployment
+    and the last drift verdict. Exit code 1 when no stack runs or its supervisor is dead."""
+    from flywheel.cli.status import format_status, gather
     from flywheel.core.settings import get_settings
-    from flywheel.stack import local
 
-    settings = get_settings()
-    stack = local.running_stack(settings)
-    if not stack:
-        typer.echo(f"no Flywheel stack is running from {settings.state_path}")
+    data = gather(get_settings())
+    typer.echo(format_status(data))
+    if not (data.get("supervisor") or {}).get("alive"):
         raise typer.Exit(code=1)
-    from flywheel.stack.supervisor import pid_alive
-
-    for name, pid in stack["pids"].items():
-        typer.echo(f"{name:16} pid {pid:<8} {'running' if pid_alive(int(pid)) else 'DEAD'}")
-    from flywheel.tasks import registry
-
-    client = registry.client(stack["mlflow_url"])
-    name = stack.get("model_name", settings.model_name)
-    try:
-        model = client.get_registered_model(name)
-    except Exception:  # no model registered yet
-        typer.echo(f"model {name}: not registered yet")
-        return
-    typer.echo(f"model {name}: aliases {model.aliases}")
-    for tag in ("last_deployment", "last_drift"):
-        if tag in model.tags:
-            typer.echo(f"{tag}: {model.tags[tag]}")
-    try:
-        served = httpx.get(stack["model_url"] + "/version", timeout=3).json()
-        typer.echo(f"serving: {served}")
-    except (httpx.HTTPError, ValueError):
-        typer.echo("serving: model server not answering")
 
 
 @app.command()

@@ -62,6 +62,14 @@ class Settings(BaseSettings):
     serving_port: int = 5080
     staging_port: int = 5081
 
+    # The supervisor of `flywheel up`: health checks of the model servers and the bridge, restarts of any child.
+    health_check_seconds: float = Field(2.0, gt=0, description="Interval of the supervisor's checks.")
+    health_timeout_seconds: float = Field(2.0, gt=0, description="How long a `/health` answer may take.")
+    health_failures: int = Field(3, ge=1, description="Failed health checks in a row before a restart (SIGKILL).")
+    restart_limit: int = Field(5, ge=0, description="Restarts of one child within `restart_window_seconds`.")
+    restart_window_seconds: float = Field(600.0, gt=0, description="Window of the restart limit; then it gives up.")
+    restart_backoff_max_seconds: float = Field(30.0, ge=0, description="Longest wait before a restart (1, 2, 4 s…).")
+
     # Backends of `flywheel up` (default: SQLite + local artifacts + Prefect's SQLite in the state dir). The scale-out
     # configuration: MLflow on PostgreSQL with S3 artifacts, Prefect on PostgreSQL (URIs may hold passwords).
     mlflow_backend_store_uri: SecretStr | None = Field(None, description="e.g. postgresql+psycopg2://…/mlflow")

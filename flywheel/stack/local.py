@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from flywheel.core.settings import Settings
@@ -14,10 +15,63 @@ from flywheel.stack import processes
 STACK_FILE = "stack.json"
 
 
+@dataclass(frozen=True)
+class Service:
+    """A long-running Flywheel process of `flywheel up`, started after the model servers as
+    `python -m <module> <args(settings)>`, answering `health_path` at `url(settings)`; the supervisor health-checks
+    it when `health_checked` and restarts it (with backoff and a limit) when it dies. Add one here to run it."""
+
+    name: str
+    module: str
+    args: Callable[[Settings], list[str]]
+    url: Callable[[Settings], str]
+    health_path: str = "/health"
+    health_checked: bool = True
+    start_timeout: float = 60.0
+
+
+SERVICES: tuple[Service, ...] = (
+    Service(
+        "bridge", "flywheel.bridge", lambda s: ["--host", s.host, "--port", str(s.bridge_port)],
+        lambda s: f"http://{s.host}:{s.bridge_port}",
+    ),
+)  # fmt: skip
+
+
 def state_dir(settings: Settings) -> Path:
+    """The state dir, created owner-only (0700): it holds databases, logs, secrets and users' scored rows."""
     path = settings.state_path
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o700)
     return path
+
+
+def tighten_modes(root: Path) -> int:
+    """Files below `root` owner-only (0600, executables 0700) and folders 0700, where they are looser (a state dir
+    of an older Flywheel); returns how many were changed."""
+    changed = 0
+    for folder, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            path = Path(folder) / name
+            try:
+                mode = path.lstat().st_mode
+            except OSError:
+                continue
+            if path.is_symlink() or not mode & 0o077:
+                continue
+            tight = 0o700 if path.is_dir() or mode & 0o100 else 0o600
+            os.chmod(path, tight)
+            changed += 1
+    return changed
+
+
+def read_stack_file(settings: Settings) -> dict | None:
+    """What the stack file records (URLs, pids, the supervisor's pid), whether or not anything still runs."""
+    try:
+        return json.loads((settings.state_path / STACK_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def prepare_env(settings: Settings) -> None:
@@ -44,12 +98,8 @@ def mlflow_backend(settings: Settings) -> tuple[str, str]:
 
 def running_stack(settings: Settings) -> dict | None:
     """The URLs of a `flywheel up` stack that is running now, if any (its servers answer)."""
-    path = settings.state_path / STACK_FILE
-    if not path.exists():
-        return None
-    try:
-        stack = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    stack = read_stack_file(settings)
+    if stack is None:
         return None
     import httpx
 

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import httpx
 
 from flywheel.core.errors import UserError
 from flywheel.core.files import load_or_create_private
+from flywheel.stack import reaper
 
 QUIET_ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -27,6 +28,9 @@ QUIET_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
+
+
+CHILD_UMASK = 0o077
 
 
 class ServerStartError(UserError, RuntimeError):
@@ -76,6 +80,7 @@ class ManagedProcess:
     log_path: Path
     health_path: str = "/"
     extra: dict = field(default_factory=dict)
+    start_time: int | None = None  # /proc start time: with the pid, it names this process (pids are reused)
 
     @property
     def pid(self) -> int:
@@ -83,6 +88,15 @@ class ManagedProcess:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def group_alive(self) -> bool:
+        """The child or anything left in its process group still runs."""
+        self.proc.poll()
+        try:
+            os.killpg(self.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
 
     def healthy(self, timeout: float = 2.0) -> bool:
         try:
@@ -97,19 +111,37 @@ class ManagedProcess:
             return ""
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGINT, then SIGTERM, then SIGKILL to the child's own process group."""
-        if self.proc.poll() is not None:
-            return
+        """SIGINT, then SIGTERM, then SIGKILL to the child's own process group, and at last SIGKILL to any descendant
+        that left the group. The group is signalled even when the child itself is already dead: its workers (MLflow's
+        uvicorn) may live on in it, holding the port."""
+        tree = reaper.tree_of_group(self.pid)
         for sig, wait in ((signal.SIGINT, timeout / 2), (signal.SIGTERM, timeout / 2), (signal.SIGKILL, 5)):
+            self.proc.poll()  # reap the leader if it is a zombie: a zombie still counts as a group member
+            if not reaper.signal_group(self.pid, sig):
+                break
+            if self._wait_group_gone(wait):
+                break
+        reaper.signal_tree(reaper.alive_in(tree), signal.SIGKILL)
+        self.proc.poll()
+
+    def kill(self) -> None:
+        """SIGKILL the whole group at once (a frozen child does not answer gentler signals), then reap it."""
+        tree = reaper.tree_of_group(self.pid)
+        reaper.signal_group(self.pid, signal.SIGKILL)
+        reaper.signal_tree(tree, signal.SIGKILL)
+        self._wait_group_gone(5)
+
+    def _wait_group_gone(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.proc.poll()
             try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.proc.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+                os.killpg(self.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
 
 
 def spawn(
@@ -121,19 +153,34 @@ def spawn(
     health_path: str,
     env: Mapping[str, str | None] | None = None,
     cwd: Path | None = None,
+    on_spawn: Callable[[ManagedProcess], None] | None = None,
 ) -> ManagedProcess:
-    """Start a child in its own process group, output to log_path; an env value of None unsets that variable."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    """Start a child in its own process group, output to log_path; an env value of None unsets that variable.
+    `on_spawn` hears of the child at once, before it is healthy (the supervisor's watchdog registers it)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     full_env = apply_quiet_env(dict(os.environ))
     for key, value in (env or {}).items():
         if value is None:
             full_env.pop(key, None)
         else:
             full_env[key] = value
-    log = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd, start_new_session=True)
+    log = open_private_log(log_path)
+    # umask 077: whatever the child creates (databases, logs, the request log's Parquet) is owner-only.
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd, start_new_session=True, umask=CHILD_UMASK
+    )
     log.close()
-    return ManagedProcess(name, proc, url, log_path, health_path)
+    mp = ManagedProcess(name, proc, url, log_path, health_path, start_time=reaper.start_time(proc.pid))
+    if on_spawn is not None:
+        on_spawn(mp)
+    return mp
+
+
+def open_private_log(log_path: Path):
+    """A log file opened for appending, owner-only (0600, tightened if it was looser)."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")
 
 
 def wait_healthy(mp: ManagedProcess, timeout: float = 120.0) -> ManagedProcess:
@@ -150,6 +197,16 @@ def wait_healthy(mp: ManagedProcess, timeout: float = 120.0) -> ManagedProcess:
     raise ServerStartError(
         f"{mp.name} was not healthy at {mp.url} after {timeout:.0f}s (log {mp.log_path}):\n{mp.log_tail()}"
     )
+
+
+def wait_port_free(host: str, port: int, timeout: float = 10.0) -> bool:
+    """True once nothing holds the port (a killed server's socket may take a moment to close)."""
+    deadline = time.monotonic() + timeout
+    while port_in_use(host, port):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def _check_port(name: str, host: str, port: int) -> None:
@@ -188,6 +245,7 @@ def start_mlflow(
     log_path: Path,
     env: Mapping[str, str] | None = None,
     timeout: float = 120.0,
+    on_spawn: Callable[[ManagedProcess], None] | None = None,
 ) -> ManagedProcess:
     _check_port("the MLflow server", host, port)
     cmd = [
@@ -195,7 +253,9 @@ def start_mlflow(
         "--backend-store-uri", backend_store_uri, "--artifacts-destination", artifacts_destination,
         "--workers", "1",
     ]  # fmt: skip
-    mp = spawn("mlflow", cmd, url=f"http://{host}:{port}", log_path=log_path, health_path="/health", env=env)
+    mp = spawn(
+        "mlflow", cmd, url=f"http://{host}:{port}", log_path=log_path, health_path="/health", env=env, on_spawn=on_spawn
+    )
     return healthy_or_stopped(mp, timeout)
 
 
@@ -222,9 +282,10 @@ def start_prefect(
     database_url: str | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float = 120.0,
+    on_spawn: Callable[[ManagedProcess], None] | None = None,
 ) -> ManagedProcess:
     _check_port("the Prefect server", host, port)
-    prefect_home.mkdir(parents=True, exist_ok=True)
+    prefect_home.mkdir(parents=True, exist_ok=True, mode=0o700)
     full_env: dict[str, str | None] = {
         "PREFECT_HOME": str(prefect_home),
         "PREFECT_API_URL": None,
@@ -239,7 +300,10 @@ def start_prefect(
     if database_url:
         full_env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     cmd = [bin_path("prefect"), "server", "start", "--host", host, "--port", str(port)]
-    mp = spawn("prefect", cmd, url=f"http://{host}:{port}", log_path=log_path, health_path="/api/health", env=full_env)
+    mp = spawn(
+        "prefect", cmd, url=f"http://{host}:{port}", log_path=log_path, health_path="/api/health", env=full_env,
+        on_spawn=on_spawn,
+    )  # fmt: skip
     return healthy_or_stopped(mp, timeout)
 
 
