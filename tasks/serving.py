@@ -22,6 +22,7 @@ import httpx
 import pandas as pd
 
 from flywheel.core.names import slug
+from flywheel.tasks.verdicts import Counts
 
 _PREDICT_FAILED = "The model failed on this input"  # the model server's message when predict raises
 
@@ -40,6 +41,11 @@ class SmokeResult:
     failures: list[dict] = field(default_factory=list)  # the first failed rows: {"row", "status", "error"}
     source: str = ""  # what the rows were (e.g. "v3's holdout sample"), said in the ledger
     batch_ok: bool = True
+    seconds: float = 0.0  # what the test cost, end to end
+
+    @property
+    def errors(self) -> int:
+        return round(self.error_rate * self.rows)
 
     def failure_kind(self) -> str:
         """What failed, in the ledger's words: "predictions that error" (the model raised, or its container did),
@@ -88,11 +94,14 @@ class LocalTarget:
     def load(self, version: str) -> dict:
         return self._call("POST", "/admin/load", json={"version": str(version)})
 
-    def smoke(self, records: list[dict], *, max_error_rate: float, max_p50_ms: float) -> SmokeResult:
+    def smoke(
+        self, records: list[dict], *, max_error_rate: float, max_p50_ms: float, slot: str = "standby"
+    ) -> SmokeResult:
+        """Score `records` on a slot (`standby`: the version about to serve; `active`: the one serving now)."""
         body = self._call(
             "POST",
             "/admin/smoke",
-            json={"records": records, "max_error_rate": max_error_rate, "max_p50_ms": max_p50_ms},
+            json={"records": records, "max_error_rate": max_error_rate, "max_p50_ms": max_p50_ms, "slot": slot},
         )
         return SmokeResult(
             ok=bool(body.get("ok")),
@@ -110,13 +119,17 @@ class LocalTarget:
     def rollback(self) -> dict:
         return self._call("POST", "/admin/rollback")
 
-    def counters(self) -> tuple[int, int]:
-        """(requests, server errors) scored by the active slot since it became active."""
-        active = self.state().get("active") or {}
-        return int(active.get("requests", 0)), int(active.get("errors", 0))
+    def counters(self, slot: str = "active") -> Counts:
+        """(requests, failed predictions, refused inputs) of a slot since it was loaded."""
+        info = self.state().get(slot) or {}
+        return Counts(int(info.get("requests", 0)), int(info.get("errors", 0)), int(info.get("rejected", 0)))
+
+    def slot_version(self, slot: str) -> str | None:
+        info = self.state().get(slot) or {}
+        return str(info["version"]) if info.get("version") is not None else None
 
 
-def records_for_smoke(sample: pd.DataFrame, features: list[str], rows: int = 200) -> list[dict]:
+def records_for_smoke(sample: pd.DataFrame, features: list[str], rows: int = 100) -> list[dict]:
     """Rows as JSON records, only the model's input columns (times as ISO text, missing values as null)."""
     cols = [c for c in features if c in sample.columns]
     frame = sample[cols].head(rows)
@@ -124,22 +137,6 @@ def records_for_smoke(sample: pd.DataFrame, features: list[str], rows: int = 200
     if times:
         frame = frame.assign(**{c: frame[c].map(lambda t: t.isoformat() if pd.notna(t) else None) for c in times})
     return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
-
-
-def watch_live(
-    target: LocalTarget, *, seconds: float, max_error_rate: float, min_requests: int = 20
-) -> tuple[bool, str]:
-    """Watch the live error rate after a switch; (healthy, why)."""
-    start_req, start_err = target.counters()
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
-        req, err = target.counters()
-        n, e = req - start_req, err - start_err
-        if n >= min_requests and e / n > max_error_rate:
-            return False, f"live error rate {e}/{n} = {e / n:.1%} > {max_error_rate:.1%} after the switch"
-    req, err = target.counters()
-    return True, f"{req - start_req} live requests, {err - start_err} errors in {seconds:.0f}s"
 
 
 # ------------------------------------------------------------------------------------------------------- docker

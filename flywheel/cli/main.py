@@ -193,21 +193,17 @@ def rollback(
     to_version: Annotated[
         str | None, typer.Option("--to", help="Version to go back to (default: previous good).")
     ] = None,
+    reason: Annotated[str | None, typer.Option("--reason", help="Why, for the ledger (default: by hand).")] = None,
 ) -> None:
-    """Move `champion` back to the previous good version; the alias event then deploys it."""
+    """Move `champion` back to the previous good version through the `rollback/manual` deployment of a running
+    stack: the run deploys it at once and records the version left as rolled back (when, by whom, why)."""
+    from flywheel.cli.rollback import run_rollback
     from flywheel.core.settings import get_settings
-    from flywheel.stack import local
 
-    settings = get_settings()
-    local.prepare_env(settings)
-    with local.tracking_server(settings):
-        from flywheel.flows.deploy import rollback as rollback_flow
-
-        try:
-            result = rollback_flow(name=model, to_version=to_version)
-        except ValueError as exc:
-            _fail(exc)
-    typer.echo(f"champion of {result['name']}: v{result['from']} → v{result['to']}")
+    try:
+        run_rollback(get_settings(), model, to_version, reason, echo=typer.echo)
+    except UserError as exc:
+        _fail(exc)
 
 
 @app.command("rotate-webhook-secret")

@@ -197,7 +197,7 @@ def test_served_rows_come_before_the_input_example(target, wine):
     serve_rows(wine.drop(columns=["cultivar"]).head(120))
     result = smoke(target, "1")
     assert result.ok, result.reason
-    assert result.source == "120 rows of the latest served rows (none found: v1's holdout sample)"
+    assert result.source == "100 rows of the latest served rows (none found: v1's holdout sample)"  # SMOKE_ROWS
 
 
 def test_a_version_whose_predict_raises_is_refused_for_its_predictions(target, wine):
@@ -243,7 +243,7 @@ def test_the_ledger_keeps_the_smoke_note_after_the_switch():
     target = SimpleNamespace(counters=lambda: (0, 0))
     rollout.watch(rec, target, seconds=0)
     assert rec.outcome == "serving"
-    assert rec.reason == note + "; 0 live requests, 0 errors in 0s"
+    assert rec.reason == note + "; held: 0 scored requests, 0 failed (0.0%); first deployment: nothing to roll back to"
 
 
 # --------------------------------------------------------------------------------------------------- drift check
