@@ -170,17 +170,22 @@ class PostgresCluster:
 @pytest.fixture(scope="session")
 def postgres():
     """A throwaway PostgreSQL cluster (databases `mlflow` and `prefect`) from this machine's own binaries."""
+    from needs import missing
+
     from flywheel.stack import processes
 
     bindir = find_pg_bindir()
     if bindir is None:
-        pytest.skip("PostgreSQL server binaries not found (no pg_config --bindir, initdb on PATH or versioned bindir)")
+        missing("PostgreSQL server binaries not found (no pg_config --bindir, initdb on PATH or "
+                "/usr/lib/postgresql/*/bin)", "the Debian package `postgresql` (`make parts` as root)")  # fmt: skip
     run_as = None
     if os.geteuid() == 0:
         if _service_account() is None:
-            pytest.skip(f"running as root and no '{_SERVICE_ACCOUNT}' account to run initdb/pg_ctl as")
+            missing(f"running as root and no '{_SERVICE_ACCOUNT}' account to run initdb/pg_ctl as",
+                    "the Debian package `postgresql` (it creates the account; `make parts` as root)")  # fmt: skip
         if not shutil.which("runuser"):
-            pytest.skip("running as root and `runuser` is missing: cannot run initdb/pg_ctl unprivileged")
+            missing("running as root and `runuser` is missing: cannot run initdb/pg_ctl unprivileged",
+                    "the Debian package `util-linux`")  # fmt: skip
         run_as = _SERVICE_ACCOUNT
     root = Path(tempfile.mkdtemp(prefix="flywheel-pg-"))
     cluster = PostgresCluster(
@@ -330,3 +335,52 @@ def upload_flights():
         return len(frame)
 
     return upload
+
+
+@pytest.fixture(scope="session")
+def trained_champion(mlflow_server, prefect_server, tmp_path_factory):
+    """A champion trained once for the session by the real `train` flow on January–February flights (its model
+    version, on the session's MLflow and Prefect servers). Tests take their own copy (`champion_copy`)."""
+    import uuid
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from flywheel.core.settings import get_settings
+    from flywheel.flows.train import train
+
+    name = f"session-champion-{uuid.uuid4().hex[:8]}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+        mp.setenv("FLYWHEEL_STATE_DIR", str(tmp_path_factory.mktemp("session-train") / "state"))
+        mlflow.set_tracking_uri(mlflow_server.url)
+        get_settings.cache_clear()
+        try:
+            result = train(start="2013-01-01", end="2013-03-01", model_name=name)
+        finally:
+            get_settings.cache_clear()
+    assert result["promoted"], result
+    return MlflowClient(mlflow_server.url).get_model_version_by_alias(name, "champion")
+
+
+@pytest.fixture
+def champion_copy(trained_champion):
+    """`copy(client, name) -> version`: a new version of `name` that is the session's trained champion (same run,
+    artifacts and lineage tags, registered-model tags except verdicts and cooldowns), made its champion. Cheap, and
+    each test's verdicts, cooldowns and events stay its own."""
+    base = trained_champion
+
+    def copy(client, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        tags = {k: v for k, v in client.get_registered_model(base.name).tags.items() if not k.startswith("last_")}
+        try:
+            client.create_registered_model(name, tags=tags)
+        except MlflowException:
+            pass  # it exists: another version of it
+        mv = client.create_model_version(name, source=base.source, run_id=base.run_id, tags=base.tags,
+                                         model_id=base.source.rsplit("/", 1)[-1])  # fmt: skip
+        client.set_registered_model_alias(name, "champion", mv.version)
+        return mv.version
+
+    return copy

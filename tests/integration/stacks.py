@@ -84,6 +84,50 @@ def served_version(urls) -> str | None:
     return httpx.get(urls["model_url"] + "/version", timeout=5).json()["model_version"]
 
 
+class Receiver:
+    """A loopback HTTP receiver recording every JSON POST (`with Receiver() as r:`; `r.url`, `r.got`): what an alert
+    webhook or an MLflow webhook sends, as the other end sees it."""
+
+    def __init__(self) -> None:
+        import json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        got: list[dict] = []
+        self.got = got
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                got.append({"content_type": self.headers.get("Content-Type"), "headers": dict(self.headers),
+                            "json": json.loads(body or b"null")})  # fmt: skip
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="receiver", daemon=True)
+
+    def texts(self) -> list[str]:
+        return [(m["json"] or {}).get("text", "") if isinstance(m["json"], dict) else "" for m in list(self.got)]
+
+    def wait_text(self, needle: str, timeout: float = 120.0) -> dict:
+        """The first message whose `text` contains `needle`."""
+        return wait_for(f"a message containing {needle!r} (got {self.texts()})",
+                        lambda: next((m for m in list(self.got) if needle in (m["json"] or {}).get("text", "")), None),
+                        timeout=timeout)  # fmt: skip
+
+    def __enter__(self) -> Receiver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
 class Traffic:
     """A client sending one-row scoring requests in a thread (`with Traffic(url, records) as t:`) for as long as
     the block runs; what each request got: `statuses` and the serving `versions` (X-Flywheel-Model-Version)."""

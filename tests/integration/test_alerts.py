@@ -1,94 +1,80 @@
 """Alerts: Prefect automations post Slack-compatible JSON to a webhook receiver on loopback.
 
-A real Prefect server evaluates the triggers and sends the notifications itself: a failed `train` run, a
-deployment that did not stay deployed, and a drift verdict with dataset drift (and not one without).
+A real Prefect server evaluates the triggers and sends the notifications itself, for events the real emitters send:
+a `train` flow run that fails (its data source is gone), and the `check-drift` flow's verdicts on the session's
+trained champion — March (no drift: no alert) and July (drift: an alert). The rollback alert comes from a real
+failed deployment on a `flywheel up` stack: test_deploy.py's broken version.
 """
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from stacks import Receiver
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def receiver():
-    got: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's naming
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            got.append({"content_type": self.headers.get("Content-Type"), "json": json.loads(body)})
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook", got
-    server.shutdown()
-    server.server_close()
+    with Receiver() as r:
+        yield r
 
 
-def _wait_for(got: list[dict], needle: str, timeout: float = 90) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for message in got:
-            if needle in message["json"].get("text", ""):
-                return message
-        time.sleep(0.5)
-    raise AssertionError(f"no alert containing {needle!r} within {timeout:.0f}s; got {[m['json'] for m in got]}")
+def _log_as_served(frame, model_name) -> None:
+    """Rows as the model server records them, in the request log the drift check reads."""
+    from flywheel.serving.request_log import RequestLogWriter
+    from flywheel.tasks.monitoring import serving_log_dir
+
+    writer = RequestLogWriter(serving_log_dir(), model_name)
+    writer.start()
+    inputs = frame.drop(columns=["late"]).reset_index(drop=True)
+    writer.append(inputs, [0] * len(inputs), version="1", request_ids=[f"r{i}" for i in range(len(inputs))],
+                  ts=time.time())  # fmt: skip
+    writer.close()
 
 
-def test_failed_run_rollback_and_drift_are_notified(prefect_server, receiver):
-    from prefect import flow
-    from prefect.events import emit_event
-
-    from flywheel.core.events import DRIFT_CHECKED_EVENT, ROLLED_BACK_EVENT
-    from flywheel.deployments.alerts import ensure_alerts
-
-    url, got = receiver
-    names = ensure_alerts(url)
-    assert ensure_alerts(url) == names  # idempotent: re-created, not duplicated
+def test_failed_run_and_drift_are_notified(tracking, prefect_server, fresh_settings, model_name, tmp_path, receiver,
+                                           champion_copy):  # fmt: skip
+    from mlflow import MlflowClient
     from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
 
+    from flywheel.core.spec import load_spec
+    from flywheel.deployments.alerts import ensure_alerts
+    from flywheel.flows.check_drift import check_drift
+    from flywheel.flows.train import train
+    from flywheel.tasks import data
+
+    fresh_settings.setenv("FLYWHEEL_STATE_DIR", str(tmp_path / "state"))
+    names = ensure_alerts(receiver.url)
+    assert ensure_alerts(receiver.url) == names  # idempotent: re-created, not duplicated
     for name in names:
         assert Automation.read(name=name).enabled
 
-    @flow(name="train")
-    def failing_train():
-        raise RuntimeError("the data source is gone")
-
-    with pytest.raises(RuntimeError):
-        failing_train()
-
-    resource = {"prefect.resource.id": "flywheel.model.alert-test", "prefect.resource.name": "alert-test"}
-    emit_event(event=ROLLED_BACK_EVENT, resource=resource,
-               payload={"name": "alert-test", "version": "7", "alias": "champion", "outcome": "failed-smoke",
-                        "reason": "smoke test failed: error rate 100%"})  # fmt: skip
-    emit_event(
-        event=DRIFT_CHECKED_EVENT,
-        resource={**resource, "flywheel.dataset_drift": "false"},
-        payload={"model_name": "alert-test", "drift_share": 0.1, "start": "a", "end": "b", "retrain": False},
-    )
-    emit_event(event=DRIFT_CHECKED_EVENT, resource={**resource, "flywheel.dataset_drift": "true"},
-               payload={"model_name": "alert-test", "drift_share": 0.67, "start": "2013-06-01", "end": "2013-07-01",
-                        "retrain": True})  # fmt: skip
-
-    failed = _wait_for(got, "train run")
-    assert "Failed" in failed["json"]["text"] and "the data source is gone" in failed["json"]["text"]
+    # A real failing run: the train flow, its data source gone.
+    state = train(data_uri=str(tmp_path / "gone.csv"), model_name=f"{model_name}-gone", return_state=True)
+    assert state.is_failed(), state
+    with get_client(sync_client=True) as prefect:
+        run_name = prefect.read_flow_run(state.state_details.flow_run_id).name
+    failed = receiver.wait_text(f"train run {run_name}")
+    assert "Failed" in failed["json"]["text"] and "gone.csv" in failed["json"]["text"], failed["json"]
     assert failed["content_type"].startswith("application/json")
-    rolled = _wait_for(got, "v7 not deployed")
-    assert "failed-smoke" in rolled["json"]["text"] and "error rate 100%" in rolled["json"]["text"]
-    drift = _wait_for(got, "drift in alert-test")
-    assert "0.67" in drift["json"]["text"] and "2013-06-01" in drift["json"]["text"]
-    time.sleep(3)
-    assert not any("0.1 " in m["json"]["text"] for m in got), "a verdict without drift must not alert"
+
+    # Real drift verdicts: March does not drift (no alert), then July drifts (an alert).
+    assert champion_copy(MlflowClient(tracking), model_name) == "1"
+    spec = load_spec(None)
+    march = tmp_path / "march.parquet"
+    data.pull_dataset(spec, "2013-03-01", "2013-04-01").to_parquet(march)
+    calm = check_drift(model_name=model_name, current_uri=str(march))
+    assert not calm["dataset_drift"], calm
+    _log_as_served(data.pull_dataset(spec, "2013-07-01", "2013-08-01"), model_name)
+    drifted = check_drift(model_name=model_name, start="2013-07-01", end="2013-08-01")
+    assert drifted["dataset_drift"], drifted
+    drift = receiver.wait_text(f"drift in {model_name}")
+    text = drift["json"]["text"]
+    assert f"{round(drifted['drift_share'], 4)}" in text and "2013-07-01" in text, text
+    # July's alert came after March's verdict: a March alert would be here by now.
+    mine = [t for t in receiver.texts() if model_name in t and "drift share" in t]
+    assert len(mine) == 1, mine

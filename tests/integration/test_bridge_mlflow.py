@@ -79,6 +79,32 @@ def _webhook_cache_ttl() -> float:
     return float(processes.mlflow_server_env(Path("."), None).get("MLFLOW_WEBHOOK_CACHE_TTL", 60))
 
 
+def _first_heard_version(name: str, emit: Recorder) -> str:
+    """Register versions of `name` until the bridge hears one's creation (MLflow's webhook cache is fresh)."""
+    deadline = time.monotonic() + 4 * _webhook_cache_ttl() + 30
+    while time.monotonic() < deadline:
+        version = _register_version(name)
+        try:
+            emit.wait_for("mlflow.model_version.created", timeout=_webhook_cache_ttl() + 1, name=name, version=version)
+            return version
+        except AssertionError:
+            continue
+    raise AssertionError(f"the bridge heard no version creation of {name}")
+
+
+def _first_heard_alias(client, name: str, version: str, emit: Recorder) -> dict:
+    """Set the champion alias until the bridge hears the move; the first delivery the bridge got."""
+    deadline = time.monotonic() + 4 * _webhook_cache_ttl() + 30
+    while time.monotonic() < deadline:
+        client.set_registered_model_alias(name, "champion", version)
+        try:
+            return emit.wait_for("mlflow.model_version_alias.created", timeout=_webhook_cache_ttl() + 1, name=name,
+                                 alias="champion")  # fmt: skip
+        except AssertionError:
+            continue
+    raise AssertionError(f"the bridge heard no alias move of {name}")
+
+
 def _register_version(name: str) -> str:
     """A tiny scikit-learn model logged and registered as a new version of `name`."""
     import mlflow
@@ -133,12 +159,11 @@ def test_alias_set_in_mlflow_becomes_one_prefect_event(tracking, model_name, tmp
         assert len(mine) == 1 and first.webhook_id == second.webhook_id == mine[0].webhook_id
         assert {str(e) for e in mine[0].events} == set(EVENTS)
         assert second.last_updated_timestamp == first.last_updated_timestamp, "an unchanged webhook is not updated"
-        time.sleep(_webhook_cache_ttl() + 0.5)  # the server's cached (empty) webhook list expires
 
-        version = _register_version(model_name)
-        emit.wait_for("mlflow.model_version.created", name=model_name, version=version)
-        client.set_registered_model_alias(model_name, "champion", version)
-        call = emit.wait_for("mlflow.model_version_alias.created", name=model_name, alias="champion")
+        # The server may still hold its cached (empty) webhook lists (MLFLOW_WEBHOOK_CACHE_TTL, per event type):
+        # the sentinel is the first version whose creation the bridge hears; the alias is set until it hears one.
+        version = _first_heard_version(model_name, emit)
+        call = _first_heard_alias(client, model_name, version, emit)
 
         assert call["resource"]["prefect.resource.id"] == f"mlflow.registered_model.{model_name}"
         assert call["resource"]["prefect.resource.name"] == model_name
@@ -146,8 +171,12 @@ def test_alias_set_in_mlflow_becomes_one_prefect_event(tracking, model_name, tmp
         assert payload["version"] == version
         assert str(uuid.UUID(payload["delivery_id"])) == payload["delivery_id"]  # MLflow's uuid4 delivery id
         assert payload["timestamp"]
-        time.sleep(1.0)  # nothing else arrives for the same change
-        assert [c["event"] for c in emit.calls].count("mlflow.model_version_alias.created") == 1
+        # Nothing else arrives for the same change: the sentinel is a later change's delivery.
+        client.set_registered_model_alias(model_name, "sentinel", version)
+        emit.wait_for("mlflow.model_version_alias.created", name=model_name, alias="sentinel")
+        champion_moves = [c for c in emit.calls if c["event"] == "mlflow.model_version_alias.created"
+                          and c["payload"].get("alias") == "champion"]  # fmt: skip
+        assert [c["payload"]["delivery_id"] for c in champion_moves] == [payload["delivery_id"]]
 
         # Rotation: MLflow is updated, then the file; the running bridge accepts the new secret at once.
         new_secret = rotate_secret(state, client, url, name=hook_name)
@@ -156,7 +185,7 @@ def test_alias_set_in_mlflow_becomes_one_prefect_event(tracking, model_name, tmp
         # ensure_webhook with the new secret is a no-op (its fingerprint is already registered).
         again = ensure_webhook(client, url, new_secret, name=hook_name)
         assert again.webhook_id == first.webhook_id
-        time.sleep(_webhook_cache_ttl() + 0.5)
+        # Signed with the old secret while MLflow's cache still holds it, or the new one: the bridge takes both.
         client.delete_registered_model_alias(model_name, "champion")
         deleted = emit.wait_for("mlflow.model_version_alias.deleted", name=model_name, alias="champion")
         assert deleted["payload"]["delivery_id"] != payload["delivery_id"]

@@ -5,6 +5,12 @@ model server's request-log format (Parquet files, written here by the same write
 `current_uri`. July drifts and schedules retraining once (the event reaches Prefect); a second check inside the
 cooldown schedules nothing; March does not drift; empty or broken data fails clearly and schedules nothing; the
 Evidently report is an artifact of a monitoring run in MLflow.
+
+The champion is trained once for the session (`trained_champion` in integration/conftest.py); each test gets its
+own registered model whose v1 is that trained model (same run, artifacts and lineage tags), so the verdicts,
+cooldowns and events of one test do not reach another.
+Absence checks wait for a positive sentinel first: the verdict's own `flywheel.drift.checked` event (check-drift
+emits it after any retraining event), or an event this process sends after the check (the same events worker).
 """
 
 from __future__ import annotations
@@ -21,15 +27,14 @@ JAN_FEB = ("2013-01-01", "2013-03-01")
 
 
 @pytest.fixture
-def drift_env(tracking, prefect_server, fresh_settings, model_name, tmp_path):
+def drift_env(tracking, prefect_server, fresh_settings, model_name, tmp_path, champion_copy):
+    """`model_name`'s v1 = the session's trained champion (same run and tags), champion; a private state dir."""
     from mlflow import MlflowClient
 
-    from flywheel.flows.train import train
-
     fresh_settings.setenv("FLYWHEEL_STATE_DIR", str(tmp_path / "state"))
-    result = train(start=JAN_FEB[0], end=JAN_FEB[1], model_name=model_name)
-    assert result["promoted"]
-    return MlflowClient(tracking), prefect_server.url + "/api"
+    client = MlflowClient(tracking)
+    assert champion_copy(client, model_name) == "1"
+    return client, prefect_server.url + "/api"
 
 
 def _month(start: str, end: str):
@@ -54,24 +59,45 @@ def _log_as_served(frame, model_name, log_dir):
 
 
 def _drift_events(api: str, model_name: str) -> list[dict]:
+    return _events(api, model_name, "flywheel.drift.detected")
+
+
+def _events(api: str, model_name: str, name: str) -> list[dict]:
     resp = httpx.post(
         api + "/events/filter",
-        json={"filter": {"event": {"name": ["flywheel.drift.detected"]},
-                         "resource": {"id": [f"flywheel.model.{model_name}"]}}, "limit": 50},
+        json={"filter": {"event": {"name": [name]}, "resource": {"id": [f"flywheel.model.{model_name}"]}}, "limit": 50},
         timeout=30,
-    )  # fmt: skip
+    )
     resp.raise_for_status()
     return resp.json()["events"]
 
 
-def _wait_events(api, model_name, n, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        events = _drift_events(api, model_name)
-        if len(events) >= n:
-            return events
-        time.sleep(1)
-    return _drift_events(api, model_name)
+def _wait_events(api, model_name, n, name="flywheel.drift.detected", timeout=60):
+    """At least `n` events `name` about the model (fails when they do not come)."""
+    from stacks import wait_for
+
+    def enough():
+        found = _events(api, model_name, name)
+        return found if len(found) >= n else None
+
+    return wait_for(f"{n} {name} event(s) for {model_name}", enough, timeout)
+
+
+def _verdicts_seen(api, model_name, n):
+    """The sentinel: the n-th verdict's `flywheel.drift.checked` event has reached Prefect."""
+    return _wait_events(api, model_name, n, name="flywheel.drift.checked")
+
+
+def _after_this_process(api, model_name):
+    """The sentinel for a check that failed before its verdict: an event sent now through this process' events
+    worker (where any event of the check went before it) has reached Prefect."""
+    from prefect.events import emit_event
+
+    from flywheel.core.events import model_resource
+
+    marker = emit_event(event="flywheel.test.sentinel", resource=model_resource(model_name))
+    assert marker is not None
+    return _wait_events(api, model_name, 1, name="flywheel.test.sentinel")
 
 
 def test_july_drifts_and_schedules_retraining_once(drift_env, model_name):
@@ -84,11 +110,11 @@ def test_july_drifts_and_schedules_retraining_once(drift_env, model_name):
 
     first = check_drift(model_name=model_name, start="2013-07-01", end="2013-08-01")
     assert first["dataset_drift"] and first["drift_share"] >= 0.55 and first["retrain"], first
-    assert first["retrain_window"] == ["2013-05-03T00:00:00", "2013-08-01T00:00:00"]
+    assert first["retrain_window"] == ["2013-05-01T00:00:00", "2013-08-01T00:00:00"]  # the spec's 3 months (NY)
     assert first["rows"] == len(july)
     events = _wait_events(api, model_name, 1)
     assert len(events) == 1
-    assert events[0]["payload"]["start"] == "2013-05-03T00:00:00" and events[0]["payload"]["model_name"] == model_name
+    assert events[0]["payload"]["start"] == "2013-05-01T00:00:00" and events[0]["payload"]["model_name"] == model_name
 
     # The verdict is on the registered model, the Evidently report in a monitoring run linked to the champion.
     verdict = json.loads(client.get_registered_model(model_name).tags["last_drift"])
@@ -106,7 +132,7 @@ def test_july_drifts_and_schedules_retraining_once(drift_env, model_name):
     second = check_drift(model_name=model_name, start="2013-07-01", end="2013-08-01")
     assert second["dataset_drift"] and not second["retrain"]
     assert any("cooldown" in r for r in second["reasons"]), second["reasons"]
-    time.sleep(3)
+    _verdicts_seen(api, model_name, 2)
     assert len(_drift_events(api, model_name)) == 1
 
 
@@ -119,7 +145,7 @@ def test_march_does_not_drift_and_schedules_nothing(drift_env, model_name, tmp_p
     march.to_parquet(path)
     result = check_drift(model_name=model_name, current_uri=str(path))
     assert not result["dataset_drift"] and not result["retrain"]
-    time.sleep(3)
+    _verdicts_seen(api, model_name, 1)
     assert _drift_events(api, model_name) == []
 
 
@@ -135,8 +161,9 @@ def test_empty_or_broken_current_data_fails_clearly_and_schedules_nothing(drift_
     for path, expected in ((empty, "no current data"), (broken, "event_time")):
         with pytest.raises(DriftDataError, match=expected):
             check_drift(model_name=model_name, current_uri=str(path))
-    time.sleep(2)
+    _after_this_process(api, model_name)
     assert _drift_events(api, model_name) == []
+    assert _events(api, model_name, "flywheel.drift.checked") == []
     assert "last_drift" not in client.get_registered_model(model_name).tags
 
 

@@ -1,10 +1,11 @@
 """The deployment path on a real `flywheel up` stack: alias move → webhook → bridge → Prefect event → deploy-model.
 
 One stack (MLflow, Prefect, production + staging model servers, bridge, `serve` process) on free ports and a
-private state dir for the module; the tests run in order and build on each other's registry state:
-v1 trained by `flywheel train` → champion → served; v2 a model that fails every prediction → smoke test fails,
-champion goes back to v1 and traffic never sees an error; webhook lost (bridge down) → the reconciler deploys
-v3; `prefect deployment run deploy-model/on-alias` by hand; the legacy "Production" stage counts as champion.
+private state dir for the module; the tests run in order and build on each other's registry state (reading the
+version numbers from the registry): v1 trained by `flywheel train` → champion → served; v2 a model that fails every
+prediction → smoke test fails, champion goes back to v1, traffic never sees an error and the rollback alert reaches
+the stack's alert webhook (a loopback receiver); webhook lost (bridge down) → the reconciler deploys v3;
+`prefect deployment run deploy-model/on-alias` by hand; the legacy "Production" stage counts as champion.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
-from stacks import Traffic, running_stack, served_version, wait_for
+from stacks import Receiver, Traffic, running_stack, served_version, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -32,9 +33,27 @@ _wait = wait_for
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    with running_stack(tmp_path_factory.mktemp("stack"), MODEL) as started:
+def alerts():
+    """The stack's alert webhook (FLYWHEEL_ALERT_WEBHOOK_URL): a loopback receiver."""
+    with Receiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, alerts):
+    with running_stack(tmp_path_factory.mktemp("stack"), MODEL, FLYWHEEL_ALERT_WEBHOOK_URL=alerts.url) as started:
         yield started
+
+
+def versions_of(client) -> list[str]:
+    return sorted((v.version for v in client.search_model_versions(f"name = '{MODEL}'")), key=int)
+
+
+def version_with(client, key: str, value: str) -> str:
+    """The one version whose tag `key` is `value`."""
+    found = [v for v in versions_of(client) if client.get_model_version(MODEL, v).tags.get(key) == value]
+    assert len(found) == 1, (key, value, found)
+    return found[0]
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +85,19 @@ def ledger_rows(urls) -> list[dict]:
     return json.loads(data) if isinstance(data, str) else data
 
 
+def _deploy_runs(urls) -> list[dict]:
+    """deploy-model runs of this model, each with its creation time as epoch seconds (`created_ts`)."""
+    import datetime as dt
+
+    resp = httpx.post(urls["prefect_api_url"] + "/flow_runs/filter",
+                      json={"flows": {"name": {"any_": ["deploy-model"]}}, "limit": 200}, timeout=30)  # fmt: skip
+    resp.raise_for_status()
+    runs = [r for r in resp.json() if r["parameters"].get("name") == MODEL]
+    for r in runs:
+        r["created_ts"] = dt.datetime.fromisoformat(r["created"].replace("Z", "+00:00")).timestamp()
+    return runs
+
+
 def test_stack_declares_every_deployment(stack):
     _, urls, _ = stack
     for full in ("train/cron", "train/on-drift", "deploy-model/on-alias", "rollback/manual", "reconcile/every-minute",
@@ -93,7 +125,7 @@ def test_trained_champion_is_deployed_through_the_webhook(stack, client):
     rows = _wait("the ledger artifact", lambda: ledger_rows(urls))
     assert rows[0]["version"] == "1" and rows[0]["outcome"] == "serving"
     # The package is a real Docker build context; no engine here, and the ledger says so.
-    assert Path(tags["deploy_context"], "Dockerfile").is_file()
+    assert Path(st.root, tags["deploy_context"], "Dockerfile").is_file()  # relative to the state dir
     assert tags["deploy_image"].startswith("not built")
     # A scoring request gets the version header.
     sample = pd.read_parquet(
@@ -145,11 +177,12 @@ def _register_from_run_of(client, tmp_path, source_version: str, model_path: Pat
     return mlflow.register_model(info.model_uri, MODEL).version
 
 
-def test_a_broken_version_fails_its_smoke_test_and_traffic_never_sees_it(stack, client, tmp_path):
+def test_a_broken_version_fails_its_smoke_test_and_traffic_never_sees_it(stack, client, tmp_path, alerts):
     st, urls, _ = stack
     code = tmp_path / "broken.py"
     code.write_text(BROKEN_MODEL)
-    v2 = _register_from_run_of(client, tmp_path, "1", code)
+    good = client.get_model_version_by_alias(MODEL, "champion").version
+    v2 = _register_from_run_of(client, tmp_path, good, code)
     sample = pd.read_parquet(tmp_path / "reference" / "holdout_sample.parquet").drop(columns=["late"])
     rows = sample.head(50).astype(object).where(sample.head(50).notna(), None).to_dict(orient="records")
 
@@ -160,24 +193,39 @@ def test_a_broken_version_fails_its_smoke_test_and_traffic_never_sees_it(stack, 
             lambda: client.get_model_version(MODEL, v2).tags.get("deploy_outcome"),
             timeout=180,
         )
-        time.sleep(2)
+        after = len(traffic.statuses)  # and traffic goes on past the switch back
+        _wait("20 more requests after the deployment failed", lambda: len(traffic.statuses) >= after + 20)
     statuses, versions = traffic.statuses, set(traffic.versions)
     assert outcome == "failed-smoke"
     reason = client.get_model_version(MODEL, v2).tags["deploy_reason"]
-    assert "broken on purpose" in reason and "moved back to v1" in reason
-    assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
-    assert served_version(urls) == "1"
+    assert "broken on purpose" in reason and f"moved back to v{good}" in reason
+    assert client.get_model_version_by_alias(MODEL, "champion").version == good
+    assert served_version(urls) == good
     assert statuses and set(statuses) == {200}, f"failed requests during the bad deployment: {set(statuses)}"
-    assert versions == {"1"}
+    assert versions == {good}
+    # The real rollback reached the alert webhook through the stack's Prefect automation.
+    alert = alerts.wait_text(f"{MODEL} v{v2} not deployed")
+    assert "failed-smoke" in alert["json"]["text"] and "broken on purpose" in alert["json"]["text"], alert["json"]
 
 
 def test_lost_webhook_is_caught_by_the_reconciler(stack, client, tmp_path):
     st, urls, env = stack
     st.children["bridge"].stop()  # webhooks to it are now lost
-    v3 = _register_from_run_of(client, tmp_path, "1", None)
-    client.set_registered_model_alias(MODEL, "champion", v3)
-    time.sleep(3)
-    assert served_version(urls) == "1"  # nobody heard the move
+    first = versions_of(client)[0]
+    v3 = _register_from_run_of(client, tmp_path, first, None)
+    since = time.time()
+    with Receiver() as probe:  # the sentinel: MLflow did send the move (to a probe webhook), the bridge was down
+        hook = client.create_webhook(name=f"probe-{v3}", url=probe.url, events=["model_version_alias.created"],
+                                     secret="probe", status="ACTIVE")  # fmt: skip
+        try:
+            # Set again until the probe hears it: MLflow caches its webhook list (MLFLOW_WEBHOOK_CACHE_TTL).
+            _wait("MLflow to send the alias move", lambda: client.set_registered_model_alias(MODEL, "champion", v3)
+                  or [m for m in probe.got if (m["json"] or {}).get("data", {}).get("version") == v3],
+                  interval=1.0)  # fmt: skip
+        finally:
+            client.delete_webhook(hook.webhook_id)
+    assert served_version(urls) == first  # nobody heard the move
+    assert not [r for r in _deploy_runs(urls) if r["created_ts"] >= since], "a deployment ran without the bridge"
     run_cli([str(BIN / "prefect"), "deployment", "run", "reconcile/every-minute", "--watch"], env)
     outcome = _wait(f"v{v3}'s deployment", lambda: client.get_model_version(MODEL, v3).tags.get("deploy_outcome"),
                     timeout=180)  # fmt: skip
@@ -188,27 +236,32 @@ def test_lost_webhook_is_caught_by_the_reconciler(stack, client, tmp_path):
 
 def test_prefect_cli_runs_a_deployment_by_hand(stack, client):
     _, urls, env = stack
+    first = versions_of(client)[0]
     # `-p version=1` would arrive as an int; the flow takes a string (both work, this is the documented form).
     run_cli([str(BIN / "prefect"), "deployment", "run", "deploy-model/on-alias", "-p", f"name={MODEL}",
-             "-p", 'version="1"', "--watch"], env)  # fmt: skip
-    assert served_version(urls) == "1"
-    assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
-    assert client.get_model_version(MODEL, "1").tags["deploy_trigger"] == "manual"
+             "-p", f'version="{first}"', "--watch"], env)  # fmt: skip
+    assert served_version(urls) == first
+    assert client.get_model_version_by_alias(MODEL, "champion").version == first
+    assert client.get_model_version(MODEL, first).tags["deploy_trigger"] == "manual"
 
 
 def test_legacy_production_stage_counts_as_champion(stack, client):
     import warnings
 
     _, urls, env = stack
+    broken = version_with(client, "deploy_outcome", "failed-smoke")
+    lost = versions_of(client)[-1]  # the version the reconciler deployed after the lost webhook
+    assert client.get_model_version_by_alias(MODEL, "champion").version != lost
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        client.transition_model_version_stage(MODEL, "3", "Production")
+        client.transition_model_version_stage(MODEL, lost, "Production")
     run_cli([str(BIN / "prefect"), "deployment", "run", "reconcile/every-minute", "--watch"], env)
-    assert client.get_model_version_by_alias(MODEL, "champion").version == "3"
-    _wait("the ledger to show v3 deployed again",
-          lambda: [r["version"] for r in ledger_rows(urls)][:1] == ["3"], timeout=180)  # fmt: skip
-    assert served_version(urls) == "3"
-    # One deployment per move: the ledger holds v3 twice (the reconciler's move and this one), v1 twice, v2 once.
+    assert client.get_model_version_by_alias(MODEL, "champion").version == lost
+    _wait(f"the ledger to show v{lost} deployed again",
+          lambda: [r["version"] for r in ledger_rows(urls)][:1] == [lost], timeout=180)  # fmt: skip
+    assert served_version(urls) == lost
+    # One deployment per move: the ledger holds the lost-webhook version twice (the reconciler's move and this one),
+    # the broken one once.
     outcomes = [(r["version"], r["outcome"]) for r in ledger_rows(urls)]
-    assert outcomes.count(("2", "failed-smoke")) == 1
-    assert outcomes.count(("3", "serving")) == 2
+    assert outcomes.count((broken, "failed-smoke")) == 1
+    assert outcomes.count((lost, "serving")) == 2

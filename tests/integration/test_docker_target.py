@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
+from needs import missing
 from stacks import Traffic, running_stack, stop_process, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -54,13 +55,15 @@ def _debian_mirror() -> tuple[str, str]:
         for url in re.findall(r"(?:URIs:|^deb)\s+(\S+)", text, flags=re.M):
             if url.rstrip("/").endswith("/debian"):
                 return url, codename
-    pytest.skip("no Debian mirror in this machine's apt sources: cannot build the base image")
+    missing("no Debian mirror in this machine's apt sources: cannot build the base image",
+            "a Debian mirror in /etc/apt/sources.list.d")
 
 
 def _build_base_image(env: dict, work: Path) -> None:
     """debootstrap a minimal Debian with python3 and pip, import it as BASE_IMAGE in the private storage."""
     if not shutil.which("debootstrap"):
-        pytest.skip("debootstrap is missing (`make engine` installs it): cannot build the base image")
+        missing("debootstrap is missing: cannot build the base image", "the Debian package `debootstrap` "
+                "(`make parts` as root)")
     mirror, codename = _debian_mirror()
     root = work / "rootfs"
     subprocess.run(["debootstrap", "--variant=minbase", "--include=ca-certificates", codename, str(root), mirror],
@@ -88,7 +91,8 @@ def _build_base_image(env: dict, work: Path) -> None:
 def engine(tmp_path_factory):
     """DOCKER_HOST of a podman service on a private socket and storage; stopped by its PID at the end."""
     if not (shutil.which("podman") and shutil.which("runc")):
-        pytest.skip("no Docker-compatible engine: podman and runc are missing (`make engine` installs them)")
+        missing("no Docker-compatible engine: podman and runc are missing",
+                "the Debian packages `podman runc` (`make parts` as root)")
     import docker
 
     work = tmp_path_factory.mktemp("engine")

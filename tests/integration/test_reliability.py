@@ -3,7 +3,8 @@ forged or replayed) on a real `flywheel up` stack, and the end state is asserted
 
 One stack for the module (free ports, private state dir, fake AWS credentials in its environment); one model is
 trained once and re-registered as further versions (same run and artifacts) so every deployment is cheap. The
-tests run in order and share the registry; the MLflow-killed-during-train case starts its own MLflow server.
+tests share the registry but read the versions they need from it (the champion, the versions they create), so each
+can run alone (`-k`); the MLflow-killed-during-train case starts its own MLflow server.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
-from stacks import running_stack, wait_for
+from stacks import Receiver, running_stack, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
@@ -155,12 +156,17 @@ def client(stack):
 
 @pytest.fixture(scope="module")
 def trained(stack, client):
-    """v1, trained once by `flywheel train` on two weeks of flights, champion, deployed through the webhook."""
+    """The first version, trained once by `flywheel train` on two weeks of flights, champion, deployed through the
+    webhook; the version number is the registry's."""
     _, urls, env = stack
     run_cli([str(BIN / "flywheel"), "train", "--start", "2013-01-01", "--end", "2013-01-15"], env, timeout=600)
-    assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
-    _wait("v1 to serve", lambda: served_version(urls["model_url"]) == "1")
-    return client.get_model_version(MODEL, "1")
+    first = client.get_model_version_by_alias(MODEL, "champion")
+    _wait(f"v{first.version} to serve", lambda: served_version(urls["model_url"]) == first.version)
+    return first
+
+
+def champion_of(client) -> str:
+    return client.get_model_version_by_alias(MODEL, "champion").version
 
 
 def new_version(client, base, name: str = MODEL) -> str:
@@ -207,7 +213,14 @@ def test_webhook_receiver_refuses_forgeries_and_emits_nothing(stack):
         resp = httpx.post(hook, content=body, headers=headers, timeout=10)
         assert 400 <= resp.status_code < 500, (case, resp.status_code, resp.text)
         assert resp.json()["status"] == "error", case
-    time.sleep(2)
+    # The sentinel: a genuine delivery sent after the forgeries reaches Prefect; a forged one would have been first.
+    sentinel_body = mlflow_body(MODEL, "1", alias=None, entity="model_version", action="created")
+    sentinel = signed(sentinel_body, secret)
+    resp = httpx.post(hook, content=sentinel_body, headers=sentinel, timeout=10)
+    assert resp.status_code == 200 and resp.json()["status"] == "emitted", resp.text
+    _wait("the genuine delivery's event", lambda: [
+        e for e in events(urls, ["mlflow.model_version.created"], since)
+        if e.get("payload", {}).get("delivery_id") == sentinel["X-MLflow-Delivery-Id"]])  # fmt: skip
     emitted = [e for e in events(urls, ["mlflow.model_version_alias.created"], since)
                if e.get("payload", {}).get("version") == "41"]  # fmt: skip
     assert emitted == [], "a forged delivery reached Prefect"
@@ -224,6 +237,7 @@ def test_real_model_server_guards_admin_scoring_and_body_size(stack, client, tra
 
     st, urls, env = stack
     url = urls["model_url"]
+    champion = champion_of(client)
     for method, path in (("GET", "/admin/state"), ("POST", "/admin/load"), ("POST", "/admin/swap"),
                          ("POST", "/admin/rollback"), ("POST", "/admin/smoke")):  # fmt: skip
         assert httpx.request(method, url + path, timeout=10).status_code == 401, path
@@ -232,7 +246,7 @@ def test_real_model_server_guards_admin_scoring_and_body_size(stack, client, tra
     big = b'{"dataframe_records": [' + b'{"hour": 5},' * 1_000_000 + b'{"hour": 5}]}'  # ~12 MB > 10 MB default
     resp = httpx.post(url + "/invocations", content=big, headers={"Content-Type": "application/json"}, timeout=60)
     assert resp.status_code == 413 and resp.json()["error_code"] == "REQUEST_TOO_LARGE"
-    assert served_version(url) == "1"
+    assert served_version(url) == champion
 
     # A server process started with FLYWHEEL_SERVING_TOKEN wants a bearer token for scoring.
     port = processes.free_port()
@@ -244,7 +258,7 @@ def test_real_model_server_guards_admin_scoring_and_body_size(stack, client, tra
                          env={**env, "FLYWHEEL_SERVING_TOKEN": token, "FLYWHEEL_STATE_DIR": str(tmp_path)})  # fmt: skip
     try:
         processes.wait_healthy(mp, timeout=120)
-        _wait("the token server to load v1", lambda: served_version(mp.url) == "1", timeout=120)
+        _wait(f"the token server to load v{champion}", lambda: served_version(mp.url) == champion, timeout=120)
         local = client.download_artifacts(trained.run_id, "reference/holdout_sample.parquet", str(tmp_path))
         sample = pd.read_parquet(local).drop(columns=["late"]).head(2)
         payload = {"dataframe_split": json.loads(sample.to_json(orient="split", index=False))}
@@ -273,7 +287,7 @@ def test_model_loading_only_from_the_configured_registry(stack, client, trained)
     after = server_state(st, urls)
     assert after["counters"]["loads"] == before["counters"]["loads"], "something was loaded"
     assert (after["standby"] or {}).get("version") == (before["standby"] or {}).get("version")
-    assert after["active"]["version"] == "1"
+    assert after["active"]["version"] == before["active"]["version"]
 
     # An alias move of another model in the same registry must not deploy anything to this model's server.
     since = _now()
@@ -297,9 +311,10 @@ def test_model_loading_only_from_the_configured_registry(stack, client, trained)
     by_name = {(r["parameters"].get("name"), str(r["parameters"].get("version"))): r for r in runs}
     assert by_name[(MODEL, "987")]["state_type"] == "FAILED"  # resolve-version: not in the registry
     end = server_state(st, urls)
-    assert end["active"]["version"] == "1", f"another model's alias move changed what serves: {end['active']}"
+    serving = before["active"]["version"]
+    assert end["active"]["version"] == serving, f"another model's alias move changed what serves: {end['active']}"
     assert end["counters"]["loads"] == before["counters"]["loads"], "another model's alias move loaded a version"
-    assert served_version(url) == "1"
+    assert served_version(url) == serving
     assert "deploy_outcome" not in client.get_model_version(INTRUDER, intruder_v).tags
 
 
@@ -318,10 +333,8 @@ def test_two_alias_moves_within_a_second_end_on_the_last_and_never_overlap(stack
     since = _now()
     client.set_registered_model_alias(MODEL, "champion", va)
     client.set_registered_model_alias(MODEL, "champion", vb)
-    moved = time.monotonic()
     _wait(f"v{vb} to serve", lambda: served_version(urls["model_url"]) == vb)
     runs = wait_deploys_done(urls, since, at_least=2)
-    assert time.monotonic() - moved < 180
     assert served_version(urls["model_url"]) == vb
     assert client.get_model_version_by_alias(MODEL, "champion").version == vb
     # Both moves reached Prefect (one event, one deploy-model run each).
@@ -380,11 +393,12 @@ def test_replayed_webhook_and_reconciler_together_deploy_once(stack, client, tra
         t.join(60)
     deliver()  # and once more, afterwards: the exact same signed request
     reconciler.join(300)
-    time.sleep(3)  # the reconciler's own event, if it emitted one, becomes a run within a second or two
     statuses = sorted(a["status"] for a in answers)
     assert statuses.count("emitted") == 1 and set(statuses) <= {"emitted", "duplicate", "in_progress"}, answers
     _wait(f"v{vc} to serve", lambda: served_version(urls["model_url"]) == vc)
-    runs = wait_deploys_done(urls, since, at_least=2)
+    # The sentinel: every champion move event that reached Prefect (MLflow's, the replayed delivery's and the
+    # reconciler's own, if it sent one: its run has finished) has become a deploy-model run, and all have finished.
+    runs = _wait("a finished deploy-model run for every alias event", lambda: every_alias_event_ran(urls, since))
     rows = [r for r in ledger_rows(urls) if r["version"] == vc]
     assert [(r["version"], r["outcome"]) for r in rows] == [(vc, "serving")], rows
     deploy_artifacts = api(urls, "POST", "/artifacts/filter",
@@ -393,11 +407,21 @@ def test_replayed_webhook_and_reconciler_together_deploy_once(stack, client, tra
     assert len(fresh) == 1, f"{len(fresh)} deployments reached serving for one move ({len(runs)} runs)"
 
 
+def every_alias_event_ran(urls, since: dt.datetime) -> list[dict] | None:
+    moves = [e for e in events(urls, ["mlflow.model_version_alias.created"], since)
+             if e.get("payload", {}).get("name") == MODEL and e["payload"].get("alias") == "champion"]  # fmt: skip
+    runs = [r for r in flow_runs(urls, "deploy-model", since) if r["parameters"].get("name") == MODEL]
+    return runs if moves and len(runs) >= len(moves) and all(terminal(r) for r in runs) else None
+
+
 # --------------------------------------------------------------------------------------------------- case 3
 def test_killed_model_server_is_restarted_on_the_current_champion(stack, client, trained):
     st, urls, _ = stack
     champion = client.get_model_version_by_alias(MODEL, "champion").version
-    assert champion != "1" and served_version(urls["model_url"]) == champion  # the server started before it existed
+    if champion == trained.version:  # the server must restart on a champion that did not exist when it started
+        champion = new_version(client, trained)
+        deploy(client, urls, champion)
+    assert served_version(urls["model_url"]) == champion
     old = st.children["model-server"]
     with supervised(st):
         kill_group(old)
@@ -425,11 +449,10 @@ def test_deployments_process_killed_mid_deploy_then_reconciler_finishes_it(stack
     old = st.children["deployments"]
     with supervised(st):
         kill_group(old)
-        time.sleep(3)
-        assert served_version(urls["model_url"]) == before, "serving changed although the deployment was killed"
+        # The sentinel: the supervisor restarts the deployments process after the kill; serving has not changed.
         _wait("the supervisor to restart the deployments process", lambda: st.children["deployments"].pid != old.pid,
               timeout=240)  # fmt: skip
-        assert served_version(urls["model_url"]) == before
+        assert served_version(urls["model_url"]) == before, "serving changed although the deployment was killed"
         # No person: the scheduled reconciler (run here instead of waiting for its interval) notices the gap.
         deadline = time.monotonic() + 240
         while served_version(urls["model_url"]) != vd and time.monotonic() < deadline:
@@ -464,7 +487,7 @@ def test_secret_rotation_keeps_webhooks_flowing(stack, client, trained):
     guessed = httpx.post(urls["bridge_url"] + WEBHOOK, content=body, headers=signed(body, "guess"), timeout=30)
     assert guessed.status_code == 401
     # MLflow signs with the new secret: a real alias move right after the rotation still deploys, by its webhook.
-    time.sleep(3)  # MLFLOW_WEBHOOK_CACHE_TTL of the stack's MLflow server
+    mlflow_signs_with_the_new_secret(client, trained)
     ve = new_version(client, trained)
     deploy(client, urls, ve)
     tags = _wait(f"v{ve}'s ledger tags", lambda: client.get_model_version(MODEL, ve).tags.get("deploy_outcome") and
@@ -472,6 +495,25 @@ def test_secret_rotation_keeps_webhooks_flowing(stack, client, trained):
     assert tags["deploy_outcome"] == "serving" and tags["deploy_trigger"] == "event"
     bridge_log = (st.root / "logs" / "bridge.log").read_text(errors="replace")
     assert new not in bridge_log and old not in bridge_log
+
+
+def mlflow_signs_with_the_new_secret(client, trained) -> None:
+    """The sentinel for MLflow's webhook cache (MLFLOW_WEBHOOK_CACHE_TTL, per event type): a probe webhook created
+    after the rotation receives an alias move, so the list MLflow sends alias moves with was read after the rotation
+    and holds the bridge's new secret. The probe moves an alias of another model; the probe webhook is deleted."""
+    with Receiver() as probe:
+        hook = client.create_webhook(name=f"probe-{uuid.uuid4().hex[:6]}", url=probe.url, secret="probe",
+                                     events=["model_version_alias.created"], status="ACTIVE")  # fmt: skip
+        try:
+            version = new_version(client, trained, name=INTRUDER)
+
+            def delivered():
+                client.set_registered_model_alias(INTRUDER, "probe", version)
+                return [m for m in probe.got if (m["json"] or {}).get("data", {}).get("name") == INTRUDER]
+
+            _wait("MLflow's webhook list to hold a webhook created after the rotation", delivered, interval=1.0)
+        finally:
+            client.delete_webhook(hook.webhook_id)
 
 
 # --------------------------------------------------------------------------------------------------- case 7
@@ -505,7 +547,9 @@ def test_drift_while_a_retraining_runs_schedules_no_second_one(stack, client, tr
         verdict = json.loads(client.get_registered_model(MODEL).tags["last_drift"])
         assert verdict["dataset_drift"] is True and verdict["retrain"] is False, verdict
         assert any("in flight" in r for r in verdict["reasons"]), verdict["reasons"]
-        time.sleep(3)
+        # The sentinel: the verdict's own event, which check-drift emits after any retraining event it sent.
+        _wait("the drift verdict's event", lambda: [e for e in events(urls, ["flywheel.drift.checked"], since)
+                                                    if e.get("payload", {}).get("model_name") == MODEL])  # fmt: skip
         assert events(urls, ["flywheel.drift.detected"], since) == []
         assert [r for r in flow_runs(urls, "train", since) if r["id"] != run["id"]] == []
     finally:

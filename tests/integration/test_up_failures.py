@@ -359,10 +359,7 @@ def test_sigterm_stops_a_running_up_and_all_its_servers(tmp_path):
         assert all(pid_running(int(p)) for p in pids.values())
 
         up.send_signal(signal.SIGTERM)
-        started = time.monotonic()
-        code = up.wait(90)
-        took = time.monotonic() - started
-        assert took < 60, f"`flywheel up` took {took:.0f}s to stop"
+        code = up.wait(90)  # how long it takes is bench/'s business; here: it stops, cleanly, leaving nothing
         assert code == 0, f"exit {code}\n{tail(out)}\n{tail(err)}"
         left = wait_gone(tree)
         assert left == [], "still running after SIGTERM:\n" + describe(left)

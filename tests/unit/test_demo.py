@@ -1,8 +1,6 @@
-"""The demo's pure parts: month windows, the summary table and chart, the drift gauges."""
+"""The demo's pure parts: month windows, the summary table and chart (the drift gauges: test_metrics_scrape.py)."""
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 from flywheel.cli.demo import MonthRow, chart, month_bounds, summary_table
 
@@ -35,12 +33,11 @@ def test_summary_table_has_a_row_per_month_and_marks_promotions():
     rows = [_row("2013-03"), _row("2013-06", drift_share=0.67, retrained=True, promoted=True, champion_version="2",
                                    new_version="2")]  # fmt: skip
     table = summary_table(rows).splitlines()
-    assert table[0].startswith("| month | drift share | retrained? | promoted? | champion | holdout F1")
-    assert table[2] == "| 2013-03 | 0.40 | no | no | v1 | 0.500 | 0.450 | 0 |"
-    assert table[3] == "| 2013-06 | 0.67 | yes | yes | v2 | 0.500 | 0.450 | 0 |"
-    assert summary_table([_row("2013-04", drift_share=None, live_f1=None)]).endswith(
-        "| - | no | no | v1 | 0.500 | - | 0 |"
-    )
+    assert table[0].startswith("| month | served by | live F1 | drift share | decided by | retrained? | promoted?")
+    assert table[2] == "| 2013-03 | v1 | 0.450 | 0.40 | - | no | no | v1 | 0.500 | 0 |"
+    assert table[3] == "| 2013-06 | v2 | 0.450 | 0.67 | - | yes | yes | v2 | 0.500 | 0 |"
+    row = _row("2013-04", drift_share=None, live_f1=None, live_champion="1", signal="labels")
+    assert summary_table([row]).endswith("| v1 | - | - | labels | no | no | v1 | 0.500 | 0 |")
 
 
 def test_chart_is_a_png(tmp_path):
@@ -48,14 +45,3 @@ def test_chart_is_a_png(tmp_path):
     path = chart(rows, tmp_path / "c.png", 0.55)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000
 
-
-def test_drift_gauges_carry_the_verdict():
-    from prometheus_client import generate_latest
-
-    from flywheel.tasks.metrics import drift_metrics
-
-    text = generate_latest(drift_metrics("m", SimpleNamespace(drift_share=0.6, dataset_drift=True), 1700000000.0))
-    text = text.decode()
-    assert 'flywheel_drift_share{model="m"} 0.6' in text
-    assert 'flywheel_drift_detected{model="m"} 1.0' in text
-    assert 'flywheel_drift_last_check_timestamp_seconds{model="m"} 1.7e+09' in text

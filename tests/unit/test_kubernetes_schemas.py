@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import kubernetes_validate  # pinned in requirements.lock: missing is an error, not a skip
 import pytest
 import yaml
-
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S_VERSION = "1.30.0"

@@ -28,6 +28,35 @@ def test_code_version_is_a_stable_short_hash():
     assert registry.code_version() == version
 
 
+def test_code_version_changes_when_the_pipeline_code_is_edited(tmp_path, monkeypatch):
+    """On a temp copy of tasks/ and flows/: the copy hashes like the original; editing a task, adding a flow module
+    or renaming one changes the version; files outside those folders do not count."""
+    import shutil
+    from pathlib import Path
+
+    src = Path(registry.__file__).resolve().parent.parent
+    for sub in ("tasks", "flows"):
+        shutil.copytree(src / sub, tmp_path / sub, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(registry, "__file__", str(tmp_path / "tasks" / "registry.py"))
+    original = registry.code_version()
+    assert original == registry.code_version() and re.fullmatch(r"[0-9a-f]{12}", original)
+
+    (tmp_path / "README.txt").write_text("not code")
+    assert registry.code_version() == original
+    gate = tmp_path / "tasks" / "gate.py"
+    text = gate.read_text()
+    gate.write_text(text + "\nTHRESHOLD_NUDGE = 1\n")
+    edited = registry.code_version()
+    assert edited != original
+    gate.write_text(text)
+    assert registry.code_version() == original  # same code, same version
+    (tmp_path / "flows" / "extra.py").write_text("X = 1\n")
+    added = registry.code_version()
+    assert added not in (original, edited)
+    (tmp_path / "flows" / "extra.py").rename(tmp_path / "flows" / "other.py")
+    assert registry.code_version() not in (original, edited, added)
+
+
 def test_unreachable_tracking_server():
     uri = f"http://127.0.0.1:{closed_port()}"
     with pytest.raises(RegistryUnavailableError, match="unreachable"):
