@@ -133,8 +133,9 @@ def load_flow(entrypoint: str) -> Any:
     return getattr(importlib.import_module(module), attribute)
 
 
-def build_deployments(settings: Settings | None = None) -> list[RunnerDeployment]:
-    """RunnerDeployments for `serve` (one process), with the schedules of `settings` (default: `get_settings()`)."""
+def build_deployments(settings: Settings | None = None, unscheduled: tuple[str, ...] = ()) -> list[RunnerDeployment]:
+    """RunnerDeployments for `serve` (one process), with the schedules of `settings` (default: `get_settings()`);
+    the deployments named in `unscheduled` (full names) get none: something else starts them."""
     from flywheel.core.settings import get_settings
 
     settings = settings or get_settings()
@@ -144,7 +145,7 @@ def build_deployments(settings: Settings | None = None) -> list[RunnerDeployment
             load_flow(d.entrypoint).to_deployment(
                 name=d.name,
                 description=d.description,
-                **(d.schedule(settings) or {}),
+                **((None if d.full_name in unscheduled else d.schedule(settings)) or {}),
                 triggers=[d.trigger.to_prefect()] if d.trigger else None,
                 parameters=dict(d.parameters) or None,
                 concurrency_limit=d.concurrency_limit,

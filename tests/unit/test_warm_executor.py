@@ -1,0 +1,94 @@
+"""The alias watch of the deployments process (deployments/executor.py): quiet when aliases and serving agree, one
+alias event when they differ (and stay different past the grace), nothing while a deployment is in flight. The
+registry, the serving targets and Prefect are replaced by recorders; no server starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from flywheel.deployments import definitions, executor, serve
+from flywheel.tasks import events, reconciler, registry, runs
+
+
+class Recorder:
+    def __init__(self, statuses: dict[str, dict], stage: bool = False, in_flight: bool = False) -> None:
+        self.statuses, self.stage, self.in_flight = statuses, stage, in_flight
+        self.pending = False
+        self.emitted: list[tuple] = []
+        self.looks = 0
+
+
+@pytest.fixture
+def world(monkeypatch):
+    rec = Recorder({})
+
+    def status(client, name, alias):
+        rec.looks += 1
+        return rec.statuses[alias]
+
+    monkeypatch.setattr(registry, "client", lambda *a, **k: object())
+    monkeypatch.setattr(reconciler, "alias_status", status)
+    monkeypatch.setattr(reconciler, "stage_needs_sync", lambda client, name: rec.stage)
+    monkeypatch.setattr(runs, "deploy_in_flight", lambda name: rec.in_flight)
+    monkeypatch.setattr(reconciler, "alias_event_pending", lambda name, alias, version, s: rec.pending)
+    monkeypatch.setattr(events, "announce_alias_move", lambda *a, **k: rec.emitted.append((a, k)))
+    return rec
+
+
+def synced(v: str) -> dict:
+    return {"want": v, "have": v, "deployed": True}
+
+
+def test_in_sync_emits_nothing_and_starts_no_run(world):
+    world.statuses = {"champion": synced("3"), "challenger": {"want": None, "have": None, "deployed": False}}
+    watch = executor.AliasWatch("m", interval=10, grace=0)
+    assert watch.check_once() == []
+    assert world.emitted == []
+
+
+def test_a_difference_that_stays_emits_the_alias_event_once(world):
+    world.statuses = {"champion": {"want": "4", "have": "3", "deployed": False}, "challenger": synced("4")}
+    watch = executor.AliasWatch("m", interval=10, grace=0)
+    done = watch.check_once()
+    assert [d["alias"] for d in done] == ["champion"]
+    assert world.emitted == [(("m", "champion", "4"), {"source": "reconciler"})]
+    assert world.looks == 3  # both aliases, then the one behind again after the grace
+
+
+def test_nothing_is_emitted_while_a_deployment_is_in_flight(world):
+    world.statuses = {"champion": {"want": "4", "have": "3", "deployed": False}, "challenger": synced("4")}
+    world.in_flight = True
+    assert executor.AliasWatch("m", interval=10, grace=0).check_once() == []
+    assert world.emitted == []
+
+
+def test_nothing_is_emitted_while_the_moves_own_event_is_on_its_way(world):
+    world.statuses = {"champion": {"want": "4", "have": "3", "deployed": False}, "challenger": synced("4")}
+    world.pending = True
+    assert executor.AliasWatch("m", interval=10, grace=0).check_once() == []
+    assert world.emitted == []
+
+
+def test_out_of_sync_ignores_a_removed_alias():
+    assert not reconciler.out_of_sync({"want": None, "have": "3", "deployed": False})
+    assert reconciler.out_of_sync({"want": "3", "have": "3", "deployed": False})  # served, but not the right way
+
+
+def test_serve_leaves_the_reconcile_schedule_to_the_watch_and_keeps_the_deployment():
+    built = {f"{d.flow_name}/{d.name}": d for d in definitions.build_deployments(unscheduled=(serve.RECONCILE,))}
+    assert serve.RECONCILE in built and not built[serve.RECONCILE].schedules
+    assert built["check-drift/cron"].schedules
+    assert set(executor.WARM_DEPLOYMENTS) <= set(definitions.DEPLOYMENT_NAMES)
+
+
+def test_the_legacy_stage_is_looked_at_once_a_minute(world, monkeypatch):
+    import prefect.deployments
+
+    started = []
+    monkeypatch.setattr(prefect.deployments, "run_deployment", lambda name, **kw: started.append(name))
+    world.statuses = {"champion": synced("3"), "challenger": synced("3")}
+    world.stage = True
+    watch = executor.AliasWatch("m", interval=10, grace=0)
+    for _ in range(12):
+        watch.check_once()
+    assert started == [serve.RECONCILE, serve.RECONCILE]  # checks 1 and 7 of 12, at a 10 s interval
