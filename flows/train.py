@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flywheel.core.settings import get_settings
-from flywheel.tasks import candidates, data, registry, training, training_run, validation
+from flywheel.tasks import candidates, data, registry, tracking, training, training_run, validation
 from flywheel.tasks import gate as gating
 
 
@@ -25,10 +25,11 @@ class TrainSteps:
     check_registry: Any = registry.check_registry
     pull: Any = data.pull
     validate: Any = validation.validate
+    hold_lineage: Any = training_run.lineage_held
     find_existing: Any = registry.find_existing
     split: Any = training.split
-    open_parent_run: Any = registry.open_parent_run
-    close_run: Any = registry.close_run
+    open_parent_run: Any = tracking.open_parent_run
+    close_run: Any = tracking.close_run
     compete: Any = candidates.compete
     log_and_register: Any = registry.log_and_register
     gate: Any = gating.gate
@@ -36,9 +37,12 @@ class TrainSteps:
 
     def bare(self) -> TrainSteps:
         """The same steps without Prefect: each task's own function (`task.fn`), the candidates one after another
-        in this thread, and the promotion without its artifact (an artifact belongs to a run)."""
+        in this thread, the promotion without its artifact (an artifact belongs to a run) and no lineage lock (a
+        Prefect concurrency limit)."""
         plain = {f.name: getattr(getattr(self, f.name), "fn", getattr(self, f.name)) for f in fields(self)}
-        return replace(self, **{**plain, "compete": candidates.compete_in_order, "promote": gating.promote_version})
+        bare = {"compete": candidates.compete_in_order, "promote": gating.promote_version,
+                "hold_lineage": training_run.lineage_unlocked}  # fmt: skip
+        return replace(self, **{**plain, **bare})
 
 
 def run_train(steps: TrainSteps, logger, **params: Any) -> dict:
@@ -59,20 +63,28 @@ def run_train(steps: TrainSteps, logger, **params: Any) -> dict:
         "pulled %d rows from %s [%s, %s), %d without a label left out; data hash %s", report.rows, spec.source,
         plan.start, plan.end, report.rows_unlabeled, dhash,
     )  # fmt: skip
-    existing = steps.find_existing(name, dhash, plan.params_hash, code_ver)
-    if existing is not None:
-        return already_registered(steps, logger, plan, df, existing, dhash, report)
+    with steps.hold_lineage(plan.lineage_lock(dhash, code_ver)):  # a twin run waits here, then finds this version
+        existing = steps.find_existing(name, dhash, plan.params_hash, code_ver)
+        if existing is not None:
+            return already_registered(steps, logger, plan, df, existing, dhash, report)
+        return train_and_register(steps, logger, plan, df, dhash, code_ver, report, tracking_uri)
+
+
+def train_and_register(steps: TrainSteps, logger, plan: training_run.TrainingPlan, df, dhash: str, code_ver: str,
+                       report: validation.ValidationReport, tracking_uri: str) -> dict:  # fmt: skip
+    """Train the candidates under the flow's parent run, register the best, then gate and promote it."""
+    settings, spec, name = get_settings(), plan.spec, plan.model_name
     parts = steps.split(df, spec, settings.seed)
     positive = training.positive_label(parts.y_test, spec) if spec.task == "binary" else None
     run_tags = {"flywheel.model_name": name, "flywheel.flow_run_id": str(flow_run.id or "")}
-    parent = registry.parent_run(
+    parent = tracking.parent_run(
         settings.experiment_name, plan.run_name(dhash), run_tags,
         plan.parent_params(dhash, report.rows_labeled, report.rows_unlabeled),
         opener=steps.open_parent_run, closer=steps.close_run,
     )  # fmt: skip
-    with parent as (experiment_id, parent_id, on_close):
-        tracking = candidates.CandidateTracking(tracking_uri or None, experiment_id, parent_id, run_tags)
-        contest = candidates.Contest(parts, spec, settings.seed, dhash, positive, tracking)
+    with parent as (experiment_id, parent_id, on_close, closing_metrics):
+        where = candidates.CandidateTracking(tracking_uri or None, experiment_id, parent_id, run_tags)
+        contest = candidates.Contest(parts, spec, settings.seed, dhash, positive, where)
         results = steps.compete(plan.model_specs, contest, on_close)
         best = candidates.best_candidate(results, plan.metric)
         for r in results:
@@ -84,8 +96,12 @@ def run_train(steps: TrainSteps, logger, **params: Any) -> dict:
             **plan.log_kwargs(df, parts, best, dhash, run_tags, settings),
         )  # fmt: skip
         logger.info("registered %s v%s (%s)", name, version.version, best.model_spec.name)
-        on_close.update({"flywheel.best_candidate": best.model_spec.name, "flywheel.best_run_id": best.run_id or "",
-                         "flywheel.registered_version": version.version})  # fmt: skip
+        metrics, tags = tracking.parent_summary(
+            name, version.version, best.model_spec.name, best.run_id, best.metrics, plan.window,
+            report.rows_labeled, plan.metric,
+        )  # fmt: skip
+        closing_metrics.update(metrics)
+        on_close.update(tags)
     summaries = [r.summary() for r in sorted(results, key=lambda r: r is not best)]
     return gate_and_promote(steps, logger, plan, parts, "registered", version.version, best.metrics, dhash,
                             report, summaries)  # fmt: skip
@@ -142,7 +158,9 @@ def train(
     `candidates: [...]`), else the task's default model. Each trains in parallel as a nested MLflow run under the
     flow's parent run; the best on FLYWHEEL_CANDIDATE_METRIC is registered and gated, the others are only logged.
     A re-run on unchanged data, candidates and code registers nothing new: the registry is checked for a version
-    with the same lineage before training, and each candidate's training task is cached on the same key.
+    with the same lineage before training, and each candidate's training task is cached on the same key. Two such
+    runs at once register one version: the lookup, training and registration hold the lineage's lock, so the second
+    waits and then finds the first's version.
     """
     return run_train(
         TrainSteps(), get_run_logger(), spec_path=spec_path, data_uri=data_uri, params_path=params_path, start=start,

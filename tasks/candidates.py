@@ -116,24 +116,25 @@ def candidate_run(
     MLflow run, nested under the flow's parent run: params, holdout metrics and the worker it ran on (tags
     `flywheel.worker.*`)."""
     from flywheel.tasks import registry
+    from flywheel.tasks import tracking as mlruns
 
     fit_model = fit_model or fit
     mlflow_client = registry.client(tracking.tracking_uri)
     worker = worker_identity()
     tags = {**tracking.tags, "flywheel.candidate": model.name, **{f"flywheel.worker.{k}": v for k, v in worker.items()}}
-    run_id = registry.start_run(
+    run_id = mlruns.start_run(
         mlflow_client, tracking.experiment_id, candidate_run_name(model, data_key), tags, tracking.parent_run_id
     )
     try:
-        registry.log_run_data(mlflow_client, run_id, params=registry.model_params(model))
+        mlruns.log_run_data(mlflow_client, run_id, params=registry.model_params(model))
         with openmp_limit(openmp_threads):
             fitted = fit_model(split, spec, model, seed, data_key)
             metrics = evaluate_model(fitted, split.X_test, split.y_test, spec, positive)
-        registry.log_run_data(mlflow_client, run_id, metrics={f"holdout_{k}": v for k, v in metrics.items()})
+        mlruns.log_run_data(mlflow_client, run_id, metrics={f"holdout_{k}": v for k, v in metrics.items()})
     except BaseException:
-        registry.end_run(mlflow_client, run_id, "FAILED")
+        mlruns.end_run(mlflow_client, run_id, "FAILED")
         raise
-    registry.end_run(mlflow_client, run_id, "FINISHED")
+    mlruns.end_run(mlflow_client, run_id, "FINISHED")
     return CandidateResult(model.name, model, metrics, run_id, worker, fitted)
 
 

@@ -11,8 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ class RegistryUnavailableError(UserError, RuntimeError):
 
 def configure_client_retries() -> None:
     """Bound MLflow's HTTP retries (its default of 7 with backoff takes minutes against a dead server)."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAXRETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
@@ -215,61 +214,6 @@ def trusted_types(model: Any) -> list[str]:
 def model_params(model_spec: Any) -> dict[str, Any]:
     """A candidate's MLflow run params: the estimator class path and its hyper-parameters as `model.<name>`."""
     return {"estimator": model_spec.class_path, **{f"model.{k}": v for k, v in model_spec.params.items()}}
-
-
-def ensure_experiment(mlflow_client, name: str) -> str:
-    """The id of the named experiment, created if missing (safe when two flows create it at once)."""
-    from mlflow.exceptions import MlflowException
-
-    found = mlflow_client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return mlflow_client.create_experiment(name)
-    except MlflowException as exc:
-        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
-            raise
-        return mlflow_client.get_experiment_by_name(name).experiment_id
-
-
-def start_run(
-    mlflow_client, experiment_id: str, run_name: str, tags: dict[str, Any], parent_run_id: str | None = None
-) -> str:
-    """Create a RUNNING run; with `parent_run_id` it is nested under that run (the `mlflow.parentRunId` tag that
-    `mlflow.start_run(nested=True)` sets). The client API keeps no active-run state, so threads and Dask workers
-    can each open their own nested run under one parent."""
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-
-    run_tags = {k: str(v) for k, v in tags.items()}
-    if parent_run_id:
-        run_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-    return mlflow_client.create_run(experiment_id, tags=run_tags, run_name=run_name).info.run_id
-
-
-def log_run_data(
-    mlflow_client,
-    run_id: str,
-    *,
-    params: dict[str, Any] | None = None,
-    metrics: dict[str, float] | None = None,
-    tags: dict[str, Any] | None = None,
-) -> None:
-    """Params, metrics and tags of a run in one request."""
-    import time
-
-    from mlflow.entities import Metric, Param, RunTag
-
-    now = int(time.time() * 1000)
-    mlflow_client.log_batch(
-        run_id,
-        metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
-        params=[Param(k, str(v)) for k, v in (params or {}).items()],
-        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
-    )
-
-
-def end_run(mlflow_client, run_id: str, status: str = "FINISHED") -> None:
-    mlflow_client.set_terminated(run_id, status=status)
 
 
 def raw_rows_signature(inferred: Any) -> Any:
@@ -475,7 +419,9 @@ def is_flywheel_version(version: Any) -> bool:
 
 
 def reasons_tag(reasons: list[str]) -> str:
-    return json.dumps(reasons)[:5000]
+    """The gate's reasons as the `gate_reasons` tag: a JSON list a person can read in the UI (≥ as ≥, not an ASCII
+    escape), bounded by MLflow's tag value limit."""
+    return json.dumps(reasons, ensure_ascii=False)[:5000]
 
 
 # --------------------------------------------------------------------------------------------------- tasks
@@ -492,7 +438,7 @@ def _retry_unless_permanent(task, task_run, state) -> bool:
     return False
 
 
-_RETRIES = dict(retries=3, retry_delay_seconds=[2, 5, 10], retry_condition_fn=_retry_unless_permanent)
+RETRIES = dict(retries=3, retry_delay_seconds=[2, 5, 10], retry_condition_fn=_retry_unless_permanent)
 
 
 @task(name="check-registry", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 5, 10])
@@ -500,54 +446,13 @@ def check_registry(tracking_uri: str) -> None:
     check_tracking_server(tracking_uri)
 
 
-@task(name="find-registered-version", cache_policy=NO_CACHE, **_RETRIES)
+@task(name="find-registered-version", cache_policy=NO_CACHE, **RETRIES)
 def find_existing(model_name: str, data_hash: str, params_hash: str, code_ver: str):
     return find_version_by_lineage(client(), model_name, data_hash, params_hash, code_ver)
 
 
-@task(name="log-and-register", cache_policy=NO_CACHE, **_RETRIES)
+@task(name="log-and-register", cache_policy=NO_CACHE, **RETRIES)
 def log_and_register(model_name: str, version_tags: dict[str, str], description: str, **log_kwargs):
     """Log the candidate's run and create its registry version (with lineage tags) in one step."""
     logged = log_candidate(**log_kwargs)
     return register_version(client(), model_name, logged, version_tags, description)
-
-
-@task(name="open-parent-run", cache_policy=NO_CACHE, **_RETRIES)
-def open_parent_run(experiment: str, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> tuple[str, str]:
-    """The flow's parent MLflow run, under which every candidate logs a nested run: (experiment id, run id)."""
-    mlflow_client = client()
-    experiment_id = ensure_experiment(mlflow_client, experiment)
-    run_id = start_run(mlflow_client, experiment_id, run_name, tags)
-    log_run_data(mlflow_client, run_id, params=params)
-    return experiment_id, run_id
-
-
-@task(name="close-run", cache_policy=NO_CACHE, **_RETRIES)
-def close_run(run_id: str, status: str = "FINISHED", tags: dict[str, Any] | None = None) -> None:
-    mlflow_client = client()
-    if tags:
-        log_run_data(mlflow_client, run_id, tags=tags)
-    end_run(mlflow_client, run_id, status)
-
-
-@contextmanager
-def parent_run(
-    experiment: str,
-    run_name: str,
-    tags: dict[str, str],
-    params: dict[str, Any],
-    *,
-    opener: Callable[..., tuple[str, str]] = open_parent_run,
-    closer: Callable[..., None] = close_run,
-) -> Iterator[tuple[str, str, dict[str, str]]]:
-    """The flow's parent MLflow run: (experiment id, run id, tags to set when it closes); it ends FAILED if the
-    block raises, else FINISHED. Opened and closed by the tasks above, or by the callables given (their `.fn`
-    outside Prefect)."""
-    experiment_id, run_id = opener(experiment, run_name, tags, params)
-    on_close: dict[str, str] = {}
-    try:
-        yield experiment_id, run_id, on_close
-    except BaseException:
-        closer(run_id, "FAILED", on_close)
-        raise
-    closer(run_id, "FINISHED", on_close)

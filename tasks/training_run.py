@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pandas as pd
 
+from flywheel.core.errors import UserError
+from flywheel.core.names import slug
 from flywheel.core.sampling import sample_rows
 from flywheel.core.settings import get_settings
 from flywheel.core.spec import DatasetSpec
@@ -62,6 +67,12 @@ class TrainingPlan:
 
     def run_name(self, data_key: str) -> str:
         return f"{self.model_name}-{data_key[:8]}"
+
+    def lineage_lock(self, data_key: str, code_ver: str) -> str:
+        """The lock of this lineage (model, data, candidates and code): one training of it at a time, so the lookup
+        of a version with this lineage and its registration are one step two runs cannot both pass."""
+        digest = hashlib.sha256(f"{data_key}|{self.params_hash}|{code_ver}".encode()).hexdigest()[:12]
+        return f"train-{slug(self.model_name)}-{digest}"
 
     def parent_params(self, data_key: str, rows: int, rows_unlabeled: int = 0) -> dict[str, Any]:
         return {
@@ -139,6 +150,37 @@ class TrainingPlan:
             status, self.model_name, version, promoted, data_key, report.rows_labeled, metrics, gate,
             (self.start, self.end), self.metric, candidates or [], report.rows_unlabeled, list(report.warnings),
         ).as_dict()  # fmt: skip
+
+
+LINEAGE_LOCK_TIMEOUT = 1800.0  # a training of the same lineage that has not finished in 30 min is stuck
+
+
+class LineageBusyError(UserError, TimeoutError):
+    """Another run has held this lineage's lock for longer than a training may take."""
+
+
+@contextmanager
+def lineage_held(lock: str, timeout_seconds: float = LINEAGE_LOCK_TIMEOUT) -> Iterator[None]:
+    """Hold the lineage lock (a Prefect global concurrency limit of 1, created first and taken strictly, renewed
+    while this run lives) for the block: a second identical run waits here and then finds the first's version."""
+    from flywheel.tasks import locks
+
+    stack = ExitStack()
+    try:
+        stack.enter_context(locks.held(lock, timeout_seconds))
+    except TimeoutError as exc:
+        raise LineageBusyError(
+            f"another train run has held lock {lock} (this model, data, candidates and code) for over "
+            f"{timeout_seconds:.0f}s; see its concurrency limit in the Prefect UI"
+        ) from exc
+    with stack:
+        yield
+
+
+@contextmanager
+def lineage_unlocked(lock: str, timeout_seconds: float = LINEAGE_LOCK_TIMEOUT) -> Iterator[None]:
+    """`lineage_held` without Prefect (the benchmark's bare steps): no lock."""
+    yield
 
 
 def plan_training(

@@ -469,11 +469,12 @@ class _FakeRegistry:
 
 @pytest.fixture
 def fake_registry(monkeypatch):
-    from flywheel.tasks import registry
+    from flywheel.tasks import registry, tracking
 
     fake = _FakeRegistry()
-    for name in ("client", "start_run", "log_run_data", "end_run"):
-        monkeypatch.setattr(registry, name, getattr(fake, name))
+    monkeypatch.setattr(registry, "client", fake.client)
+    for name in ("start_run", "log_run_data", "end_run"):
+        monkeypatch.setattr(tracking, name, getattr(fake, name))
     # The cached `train-model` task needs the Prefect engine; its plain function is what it runs.
     monkeypatch.setattr(training, "fit", lambda split, spec, model, seed, _key: train_model(split, spec, model, seed))
     return fake
