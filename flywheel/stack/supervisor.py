@@ -39,6 +39,10 @@ HEALTH_CHECKED = {"model-server", "staging-server"}
 # A child is restarted only while what it needs at start runs (a model server loads its alias from MLflow; `serve`
 # creates its deployments on Prefect). Waiting for a dependency counts against no limit.
 DEPENDS_ON = {"model-server": ("mlflow",), "staging-server": ("mlflow",), "deployments": ("prefect",)}
+# Started again once the server they are connected to was restarted: `serve`'s runner loops and Prefect's
+# cancellation observer give up after a few failed calls ("flow run cancellation will fail") and never recover.
+# The model servers are not: serving never depends on MLflow being up.
+RECONNECT_AFTER = {"prefect": ("deployments",)}
 
 
 def load_or_create_token(path: Path) -> str:
@@ -349,7 +353,7 @@ class Stack:
         for name, mp in list(self.children.items()):
             if self._stopping.is_set():
                 return
-            if name in self.gave_up:
+            if name in self.gave_up or self.children.get(name) is not mp:  # replaced this round (_reconnect)
                 continue
             if name not in self._pending:
                 if mp.alive() and self._responsive(name, mp):
@@ -433,6 +437,28 @@ class Stack:
         self._pending.pop(name, None)
         self._health.pop(name, None)
         self.say(f"{name} restarted (pid {mp.pid}) and healthy at {mp.url}")
+        self._write_stack_file()
+        for dependent in RECONNECT_AFTER.get(name, ()):
+            self._reconnect(dependent, name)
+
+    def _reconnect(self, name: str, server: str) -> None:
+        """Start `name` again on the restarted `server` (not counted against its restart limit: it did not die)."""
+        old = self.children.get(name)
+        if old is None or name in self._pending or name in self.gave_up or self._stopping.is_set():
+            return
+        self.say(f"{name} (pid {old.pid}) was connected to the {server} that died: starting it again")
+        old.stop()
+        reaper.signal_tree(reaper.alive_in(self._trees.pop(name, {})), signal.SIGKILL)
+        self._untrack(old)
+        try:
+            mp = self.starters()[name]()
+        except ServerStartError as exc:
+            self.say(f"could not start {name} again: {exc}")
+            self._schedule(name)
+            return
+        self.children[name] = mp
+        self._health.pop(name, None)
+        self.say(f"{name} restarted (pid {mp.pid}) on the new {server}")
         self._write_stack_file()
 
     def _port_of(self, name: str) -> int | None:

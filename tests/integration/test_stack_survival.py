@@ -2,6 +2,7 @@
 
 - kill -9 of the Prefect server and of the MLflow server: the model server answers every request throughout, the
   supervisor restarts the dead server (its leftover workers killed, the port freed);
+- a `champion` move made while Prefect is down is deployed by the reconciler once Prefect is back;
 - a frozen model server (SIGSTOP): health checks fail, it is killed and a new process answers /health;
 - a child that keeps dying: restarted up to the limit, then the supervisor says it gave up and serving goes on;
 - the state dir is 0700, databases, logs and the request log's Parquet 0600;
@@ -72,14 +73,15 @@ class Supervised:
         self.st._stopping.clear()
 
 
-def register_tiny_model(mlflow_url: str) -> None:
-    """A two-feature logistic regression registered as v1 and made champion (the webhook deploys it)."""
+def register_tiny_model(mlflow_url: str, seed: int = 0, champion: bool = True) -> None:
+    """A two-feature logistic regression registered as the next version, made champion (the webhook deploys it)
+    unless `champion` is False."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
     from sklearn.linear_model import LogisticRegression
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     x = pd.DataFrame({"a": rng.normal(size=400), "b": rng.normal(size=400)})
     y = (x["a"] + x["b"] > 0).astype(int)
     model = LogisticRegression().fit(x, y)
@@ -90,7 +92,14 @@ def register_tiny_model(mlflow_url: str) -> None:
             model, name="model", registered_model_name=MODEL, signature=infer_signature(x, model.predict(x)),
             input_example=x.head(5), serialization_format="cloudpickle", pip_requirements=["scikit-learn"],
         )  # fmt: skip
-    MlflowClient(mlflow_url, mlflow_url).set_registered_model_alias(MODEL, "champion", "1")
+    if champion:
+        MlflowClient(mlflow_url, mlflow_url).set_registered_model_alias(MODEL, "champion", "1")
+
+
+def champion_version(urls) -> str:
+    from mlflow import MlflowClient
+
+    return MlflowClient(urls["mlflow_url"], urls["mlflow_url"]).get_model_version_by_alias(MODEL, "champion").version
 
 
 def score_ok(urls) -> bool:
@@ -104,6 +113,7 @@ def stack(tmp_path_factory):
     with running_stack(
         tmp_path_factory.mktemp("survival"), MODEL, FLYWHEEL_RESTART_LIMIT="2",
         FLYWHEEL_RESTART_BACKOFF_MAX_SECONDS="2", FLYWHEEL_HEALTH_TIMEOUT_SECONDS="1",
+        FLYWHEEL_RECONCILE_SECONDS="5",  # the deployments process' alias check (no flow run unless behind)
     ) as st:  # fmt: skip
         yield st
 
@@ -175,6 +185,62 @@ def test_kill_9_of_a_server_keeps_serving_and_the_server_is_restarted(serving, v
     assert f"{victim} (pid {old.pid}) exited with code -9" in supervisor_log(st)
 
 
+# --------------------------------------------------------------------------------------------------- Prefect down
+def test_an_alias_move_made_while_prefect_is_down_is_deployed_once_prefect_is_back(serving):
+    """kill -9 of Prefect, then `champion` moves to v2: the bridge cannot hand MLflow's delivery (nor any of its
+    retries) to Prefect. Once the supervisor has restarted Prefect, the reconciler finds the alias ahead of what
+    serves and deploys v2; serving answers every request throughout and the ledger records the deployment."""
+    from mlflow import MlflowClient
+
+    st, urls, _ = serving
+    client = MlflowClient(urls["mlflow_url"], urls["mlflow_url"])
+    register_tiny_model(urls["mlflow_url"], seed=1, champion=False)
+    new = max(client.search_model_versions(f"name = '{MODEL}'"), key=lambda v: int(v.version)).version
+    wait_for(f"v{new} to be READY", lambda: client.get_model_version(MODEL, new).status == "READY", timeout=60)
+    old_version = champion_version(urls)
+    bridge_log = st.root / "logs" / "bridge.log"
+    refused_before = bridge_log.read_text().count("not handed to Prefect")
+    old, old_deployments = st.children["prefect"], st.children["deployments"]
+    with Traffic(urls["model_url"], RECORDS, pause=0.05) as traffic:
+        wait_for("traffic to flow", lambda: len(traffic.statuses) >= 5, timeout=60)
+        os.kill(old.pid, signal.SIGKILL)  # nothing restarts it yet: the supervisor is not running
+        wait_for("Prefect to be down", lambda: not old.healthy(timeout=2), timeout=60)
+        client.set_registered_model_alias(MODEL, "champion", new)
+        # MLflow's delivery and every one of its retries (MLFLOW_WEBHOOK_REQUEST_MAX_RETRIES, 3) got a 503.
+        wait_for("the bridge to fail the delivery and its 3 retries",
+                 lambda: bridge_log.read_text().count("not handed to Prefect") >= refused_before + 4,
+                 timeout=180)  # fmt: skip
+        assert not old.healthy(timeout=2)
+        with Supervised(st):
+            wait_for("a new Prefect process", lambda: st.children["prefect"].pid != old.pid, timeout=240)
+            wait_for("the supervisor to log the restart of prefect",
+                     lambda: f"prefect restarted (pid {st.children['prefect'].pid})" in supervisor_log(st),
+                     timeout=60)  # fmt: skip
+            # `serve`'s Prefect loops gave up on the dead server: the deployments process is started again.
+            wait_for("the deployments process started again on the new Prefect",
+                     lambda: f"deployments restarted (pid {st.children['deployments'].pid}) on the new prefect"
+                     in supervisor_log(st), timeout=240)  # fmt: skip
+            wait_for(f"v{new} to serve after Prefect is back", lambda: served_version(urls) == new, timeout=420,
+                     interval=1)  # fmt: skip
+            n = len(traffic.statuses)
+            wait_for("more traffic after the switch", lambda: len(traffic.statuses) >= n + 5, timeout=60)
+        record = wait_for(f"the ledger to record v{new}'s deployment",
+                          lambda: (t := client.get_model_version(MODEL, new).tags).get("deploy_outcome") and t,
+                          timeout=120)  # fmt: skip
+    assert traffic.statuses and set(traffic.statuses) == {200}, {s: traffic.statuses.count(s) for s in traffic.statuses}
+    assert new in traffic.versions
+    assert record["deploy_outcome"] == "serving", record
+    assert record["deploy_previous_version"] == old_version, record
+    # The reconciler's event (the deployments process' alias check), not a late webhook delivery.
+    assert f"alias=champion version={new}" not in bridge_log.read_text()
+    deployments_log = (st.root / "logs" / "deployments.log").read_text()
+    assert f"'champion' is v{new}, v{old_version} serves: emitted" in deployments_log, deployments_log[-3000:]
+    assert client.get_registered_model(MODEL).tags["last_deployment"].startswith(f"v{new} → champion"), record
+    assert st.children["model-server"].alive()
+    assert not old_deployments.alive() and st.children["deployments"].alive()
+    assert f"deployments (pid {old_deployments.pid}) was connected to the prefect that died" in supervisor_log(st)
+
+
 # --------------------------------------------------------------------------------------------------- SIGSTOP
 def test_a_frozen_model_server_is_killed_and_started_again(serving):
     from flywheel.stack import reaper
@@ -195,7 +261,8 @@ def test_a_frozen_model_server_is_killed_and_started_again(serving):
     assert f"model-server (pid {old.pid}) failed 3 health checks in a row" in log, log[-3000:]
     assert f"model-server restarted (pid {new_pid})" in log
     assert gone(old_tree), reaper.alive_in(old_tree)
-    wait_for("the restarted server to serve v1", lambda: served_version(urls) == "1", timeout=60)
+    champion = champion_version(urls)
+    wait_for(f"the restarted server to serve v{champion}", lambda: served_version(urls) == champion, timeout=60)
     assert score_ok(urls)
 
 
@@ -221,10 +288,11 @@ def test_a_child_that_keeps_dying_is_given_up_and_serving_goes_on(serving):
     assert "supervisor (flywheel up) pid" in out and ": running" in out
     assert "GAVE UP" in out and "bridge" in out
     assert urls["prefect_url"] in out and urls["model_url"] in out
-    assert any(line.split() == [MODEL, "v1", "—", "v1"] for line in out.splitlines()), out
+    champion = "v" + champion_version(urls)
+    assert any(line.split() == [MODEL, champion, "—", champion] for line in out.splitlines()), out
     deployment = next(line for line in out.splitlines() if "last deployment" in line)
     # The ledger's text or its JSON (older ledgers), either way one readable line naming the version and outcome.
-    assert deployment.startswith(MODEL) and "v1" in deployment and "serving" in deployment, out
+    assert deployment.startswith(MODEL) and champion in deployment and "serving" in deployment, out
     assert "{" not in out, out
 
 
