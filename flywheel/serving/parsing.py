@@ -37,7 +37,8 @@ INPUT_FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 # JSON value type → batching class: requests merge only when each column's values are of the same class, so each
 # merged column holds exactly the values the request alone would give after the schema's cast. In float/double
-# schema columns ints and nulls join the floats (the cast makes float64/NaN of them either way).
+# schema columns ints and nulls join the floats (the cast makes float64/NaN of them either way); `Any` columns get
+# no cast, so there every class stays apart.
 _VALUE_CLASS = {int: "i", float: "f", type(None): "n", str: "s", bool: "b"}
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 

@@ -66,6 +66,7 @@ class Slot:
             "upstream": self.upstream,
             "engine": self.engine,
             "compiled": self.engine_reason,
+            "batching": self.batchable,  # requests to it may be merged (see batchable_schema)
         }
 
     @property
@@ -180,18 +181,27 @@ def _float_columns(schema: Any) -> frozenset:
 
 
 def _batchable_schema(model: Any) -> bool:
-    """Merge requests only for plain column schemas of scalar types (no type-hint signatures, tensors, datetimes
-    — parsed with a format inferred from the data —, binaries, arrays, objects or maps)."""
-    from mlflow.types.schema import DataType
-
+    """Whether requests to `model` may be merged: see `batchable_schema` (type-hint signatures never are)."""
     meta = model.metadata
     if hasattr(meta, "_is_signature_from_type_hint") and meta._is_signature_from_type_hint():
         return False
-    schema = meta.get_input_schema()
+    return batchable_schema(meta.get_input_schema())
+
+
+def batchable_schema(schema: Any) -> bool:
+    """Merge requests only for plain column schemas of scalar or `Any` columns (no tensors, datetimes — parsed
+    with a format inferred from the data —, binaries, arrays, objects or maps).
+
+    MLflow's schema enforcement leaves an `Any` column as the request's values make it (no cast), so a merged
+    frame gives each row what it gets alone only when the rows' Python value types agree per column: the batching
+    key (flywheel.serving.parsing) keeps ints, floats, nulls, strings and bools of such a column apart (`Any`
+    columns are never in `Slot.float_cols`), and every signature since issue 14 has them."""
+    from mlflow.types.schema import AnyType, DataType
+
     if schema is None or not schema.has_input_names() or schema.is_tensor_spec():
         return False
     scalar = {DataType.boolean, DataType.integer, DataType.long, DataType.float, DataType.double, DataType.string}
-    return all(isinstance(t, DataType) and t in scalar for t in schema.input_types())
+    return all(isinstance(t, AnyType) or (isinstance(t, DataType) and t in scalar) for t in schema.input_types())
 
 
 def _warm_up(model: Any, local_dir: str) -> str | None:
