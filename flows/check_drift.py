@@ -1,9 +1,11 @@
 """The `check-drift` flow: the champion's training sample vs the latest window of serving data (Evidently).
 
 reference = the sample saved with the champion's training run (found through its lineage, so it follows the
-champion); current = the latest `drift_window_days` of what the model server scored, by the data's own event
-time (or any data source given as `current_uri`). Drift outside the cooldown schedules retraining by emitting
-`flywheel.drift.detected`, which triggers the `train/on-drift` deployment on a rolling window. A champion registered
+champion); current = the latest drift window (the spec's `drift_window`, e.g. a calendar month) of what the model
+server scored, by the data's own event time (or any data source given as `current_uri`). With labels, the
+champion's quality on recent labelled traffic decides (against its holdout, and against the challenger on the same
+rows); without, data drift does. A decision to retrain outside the cooldown emits `flywheel.drift.detected`, which
+triggers the `train/on-drift` deployment on the spec's `retrain_window`. A champion registered
 outside Flywheel has no training sample: the rows it served before the window are its reference (until it has
 served enough, the check says so and decides nothing). A multiclass model's predicted-class mix is checked too.
 """
@@ -20,7 +22,7 @@ from flywheel.core.spec import load_spec
 from flywheel.tasks import events, metrics, monitoring, registry
 
 
-@flow(name="check-drift", log_prints=True)
+@flow(name="check-drift", log_prints=True, persist_result=True)  # the demo reads the verdict of a cron run
 def check_drift(
     model_name: str | None = None,
     current_uri: str | None = None,
@@ -31,9 +33,10 @@ def check_drift(
 ) -> dict:
     """Compare the champion's reference with current data; schedule retraining on drift (outside the cooldown).
 
-    `labels_uri` (or FLYWHEEL_LABELS_URI): ground truth that arrived later — a file, folder or s3:// prefix with
-    `request_id` and the target column — joined to the served rows by request id; the check then also measures
-    the champion's quality on them (Evidently's classification/regression preset) and a decay counts as drift."""
+    `labels_uri` (or the spec's, or FLYWHEEL_LABELS_URI): ground truth that arrived later — a file, folder or s3://
+    prefix with `request_id` (and `row` within a request) and the target column — joined to the served rows; the
+    champion's quality on them then decides (against its holdout, and the challenger on the same rows), and the
+    verdict's `signal` says so."""
     logger = get_run_logger()
     s = get_settings()
     name = model_name or s.model_name
@@ -45,9 +48,11 @@ def check_drift(
         reference = monitoring.served_reference(spec, name, champion, lo)
         if reference is None:
             return monitoring.no_reference(client, name, champion.version, lo, hi, len(current))
-    labels_uri = labels_uri or s.labels_uri
+    labels_uri = labels_uri or spec.labels_uri or s.labels_uri
+    evidence = None
     if labels_uri:
         reference, current = monitoring.with_labels(reference, current, spec, champion, labels_uri)
+        evidence = monitoring.label_evidence(client, name, spec, champion, current)
     elif spec.task == "multiclass":
         reference = monitoring.with_predictions(reference, spec, champion)
 
@@ -56,13 +61,14 @@ def check_drift(
         result = monitoring.measure_drift(reference, current, spec, html, labelled=bool(labels_uri))
         link = monitoring.log_report(result, str(html), name, champion.version, lo, hi)
 
-    decision = monitoring.retrain_decision(client, name, result, hi)
-    retraining = monitoring.schedule_retraining(client, name, result, hi) if decision.retrain else None
+    decision = monitoring.retrain_decision(client, name, result, hi, spec, evidence)
+    retraining = monitoring.schedule_retraining(client, name, result, hi, spec=spec) if decision.retrain else None
     summary = monitoring.verdict(name, champion.version, lo, hi, result, decision, link, retraining)
+    summary["labels"] = evidence.as_dict() if evidence else None
     monitoring.record_verdict(client, name, summary)
     logger.info("%s", metrics.push_drift_metrics(name, result))
     events.announce_drift_checked(name, result, lo, hi, summary["retrain"], champion.version)
-    monitoring.publish_verdict(name, champion.version, result, link, summary["reasons"])
+    monitoring.publish_verdict(name, champion.version, result, link, summary["reasons"], (lo, hi), decision.signal)
     if retraining is None:
         logger.info("no retraining: %s", "; ".join(decision.reasons))
     elif retraining.scheduled:

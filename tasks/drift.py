@@ -1,6 +1,7 @@
-"""Drift: compare current data with the reference (Evidently), decide whether to retrain, and say so in markdown.
+"""Drift: compare current data with the reference (Evidently) and say so in markdown.
 
-Plain functions only (tests call them directly); the drift check's I/O and its tasks are in tasks/monitoring.py.
+Plain functions only (tests call them directly); the drift check's I/O and its tasks are in tasks/monitoring.py,
+its windows and cooldown in tasks/drift_windows.py, the retraining decision in tasks/retrain_policy.py.
 Evidently is imported inside `compute_drift` only: its import costs 7–8 s.
 
 How Evidently 0.7.23 decides, per column (auto-selected by the *reference* row count):
@@ -23,7 +24,6 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ import pandas as pd
 
 from flywheel.core.sampling import sample_rows
 from flywheel.core.spec import DatasetSpec
-from flywheel.core.timeutil import utc_timestamp
 
 # Dataset drift when a strict majority of the monitored columns drift. Evidently compares with `>=`, so 0.5
 # would call exactly half a dataset drift: on the flights demo Jan–Feb vs March drifts 6 of 12 columns (the
@@ -139,15 +138,6 @@ class DriftResult:
         data = dict(data)
         data["columns"] = [c if isinstance(c, ColumnDrift) else ColumnDrift(**c) for c in data.get("columns", [])]
         return cls(**data)
-
-
-@dataclass
-class RetrainDecision:
-    retrain: bool
-    reasons: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -469,84 +459,19 @@ def compute_drift(
     )
 
 
-# --------------------------------------------------------------------------------------------------- decide
-def _days(delta: timedelta | pd.Timedelta) -> str:
-    return f"{pd.Timedelta(delta).total_seconds() / 86400:.1f} days"
-
-
-def should_retrain(
-    result: DriftResult,
-    *,
-    now_event_time: datetime | pd.Timestamp | str,
-    last_retrain_event_time: datetime | pd.Timestamp | str | None,
-    cooldown: timedelta | pd.Timedelta | float,
-    min_rows: int,
-    in_flight: bool,
-    max_quality_decay: float = DEFAULT_MAX_QUALITY_DECAY,
-) -> RetrainDecision:
-    """Retrain only on drift or quality decay, with enough rows, outside the cooldown, and none in flight.
-
-    Times are the data's own event times (the end of the checked window, the window end of the last scheduled
-    retraining), so a fast replay of a year behaves like a year. A bare number as `cooldown` is days.
-    """
-    cooldown = pd.Timedelta(days=cooldown) if isinstance(cooldown, (int, float)) else pd.Timedelta(cooldown)
-    triggers: list[str] = []
-    if result.dataset_drift:
-        top = ", ".join(c.column for c in result.drifted_columns[:5])
-        triggers.append(
-            f"dataset drift: {result.n_drifted}/{result.n_columns} columns drifted "
-            f"(share {result.drift_share:.2f} >= {result.drift_share_threshold:.2f}): {top}"
-        )
-    if result.quality_decay is not None and result.quality_decay > max_quality_decay:
-        m = result.quality_metric
-        ref = (result.quality or {}).get("reference", {}).get(m)
-        cur = (result.quality or {}).get("current", {}).get(m)
-        triggers.append(
-            f"quality decay: {m} {ref:.3f} -> {cur:.3f} ({result.quality_decay:.0%} worse > {max_quality_decay:.0%})"
-        )
-    if not triggers:
-        why = f"no dataset drift (share {result.drift_share:.2f} < {result.drift_share_threshold:.2f}"
-        why += f", {result.n_drifted}/{result.n_columns} columns)"
-        if result.quality_decay is not None:
-            why += f" and no quality decay ({result.quality_metric} {result.quality_decay:+.0%})"
-        return RetrainDecision(False, [why])
-
-    blockers: list[str] = []
-    notes: list[str] = []
-    if result.rows_current < min_rows:
-        blockers.append(f"too few current rows: {result.rows_current} < {min_rows}")
-    if in_flight:
-        blockers.append("a training run is already in flight")
-    now = utc_timestamp(now_event_time)
-    if last_retrain_event_time is not None:
-        last = utc_timestamp(last_retrain_event_time)
-        elapsed = now - last
-        if elapsed < pd.Timedelta(0):
-            notes.append(
-                f"last retraining at event time {last.isoformat()} is after now ({now.isoformat()}): "
-                "the data was replayed or restarted, cooldown not applied"
-            )
-        elif elapsed < pd.Timedelta(cooldown):
-            blockers.append(
-                f"in cooldown: last retraining scheduled at event time {last.isoformat()}, {_days(elapsed)} ago "
-                f"< {_days(cooldown)}; next allowed from {(last + pd.Timedelta(cooldown)).isoformat()}"
-            )
-        else:
-            notes.append(f"outside cooldown: last retraining {_days(elapsed)} ago (>= {_days(cooldown)})")
-    else:
-        notes.append("no earlier retraining: no cooldown to respect")
-    if blockers:
-        return RetrainDecision(False, triggers + blockers)
-    return RetrainDecision(True, triggers + notes)
-
-
 # --------------------------------------------------------------------------------------------------- report
-def drift_markdown(result: DriftResult, report_url: str | None, top: int = 10) -> str:
-    """A Prefect artifact: verdict, share, the most drifted columns, the sampling note and the report link."""
+def drift_markdown(
+    result: DriftResult, report_url: str | None, top: int = 10, window: tuple[Any, Any] | None = None,
+    reference: str | None = None,
+) -> str:  # fmt: skip
+    """A Prefect artifact: verdict, the window checked, share, the most drifted columns, the sampling note and the
+    report link."""
     verdict = "DRIFT DETECTED" if result.dataset_drift else "no dataset drift"
-    lines = [
-        f"# Data drift: {verdict}",
-        "",
+    lines = [f"# Data drift: {verdict}", ""]
+    if window is not None:
+        lines += [f"**Window (event time):** [{window[0]}, {window[1]})" + (f", against {reference}" if reference
+                                                                               else "") + ".", ""]  # fmt: skip
+    lines += [
         f"**{result.n_drifted} of {result.n_columns} columns drifted** (share {result.drift_share:.0%}; "
         f"dataset drift at >= {result.drift_share_threshold:.0%}).",
         "",

@@ -1,5 +1,5 @@
-"""Evaluation: holdout metrics for a fitted model, the trivial baseline's on the same holdout, and the
-confusion-matrix picture."""
+"""Evaluation: the holdout (time-honest for data with an event time), holdout metrics for a fitted model, the
+trivial baseline's on the same holdout, and the confusion-matrix picture."""
 
 from __future__ import annotations
 
@@ -63,6 +63,57 @@ def multiclass_metrics(y_true: pd.Series, y_pred: Any, proba: Any | None, classe
     return {k: round(float(v), 6) for k, v in out.items()}
 
 
+HOLDOUT_NOTE = "flywheel_holdout"  # X_test.attrs key: how the holdout was split, said in the gate's reasons
+MIN_HOLDOUT_SHARE, MAX_HOLDOUT_SHARE = 0.05, 0.5
+
+
+def time_holdout_split(df: pd.DataFrame, spec: DatasetSpec, test_size: float = 0.2):
+    """A time-honest split for data with an event time: the holdout is the most recent period of the data (the
+    spec's `drift_window`, e.g. the last calendar month in its time zone) and the model trains only on what came
+    before, so a candidate and the champion are compared on rows neither was trained on. When that period holds
+    under 5 % or over half of the rows, the holdout is the last `test_size` of the rows by event time instead.
+    None without an event time (the caller splits at random). The split is described in `X_test.attrs`."""
+    import math
+
+    from flywheel.core.timeutil import to_utc
+    from flywheel.tasks import drift_windows
+    from flywheel.tasks.training import Split, feature_frame, target_series
+
+    if not spec.event_time or spec.event_time not in df.columns or len(df) < 10:
+        return None
+    ts = to_utc(df[spec.event_time])
+    if ts.isna().all():
+        return None
+    order = np.argsort(ts.fillna(ts.min()).to_numpy(), kind="stable")
+    plan = drift_windows.monitoring_plan(spec)
+    cut = drift_windows.last_period_split(ts.dropna(), plan.drift_window, plan.time_zone)
+    test = (ts >= cut).to_numpy()
+    how = f"the last {plan.drift_window} [{cut.isoformat()}, …)"
+    if not MIN_HOLDOUT_SHARE <= test.mean() <= MAX_HOLDOUT_SHARE:
+        n_test = math.ceil(test_size * len(df))
+        test = np.zeros(len(df), dtype=bool)
+        test[order[-n_test:]] = True
+        cut = ts[test].min()
+        how = f"the last {test_size:.0%} of rows by event time (from {cut.isoformat()}; the last {plan.drift_window} "
+        how += "held too few or too many rows)"
+    X, y = feature_frame(df, spec), target_series(df, spec)
+    train_idx, test_idx = df.index[~test], df.index[test]
+    parts = Split(X.loc[train_idx], X.loc[test_idx], y.loc[train_idx], y.loc[test_idx])
+    note = (
+        f"time-honest holdout: {how}, {len(test_idx):,} rows; trained on the {len(train_idx):,} rows before "
+        f"(event time {ts[~test].min().isoformat()} .. {cut.isoformat()})"
+    )
+    parts.X_test.attrs[HOLDOUT_NOTE] = {"note": note, "start": cut.isoformat(), "end": ts[test].max().isoformat()}
+    return parts
+
+
+def holdout_note(X_test: pd.DataFrame) -> dict[str, str]:
+    """How the holdout was split: a time-honest split's note and bounds, or the random split's."""
+    return X_test.attrs.get(HOLDOUT_NOTE) or {
+        "note": f"random holdout of {len(X_test):,} rows (no event time: a time-honest split is not possible)"
+    }
+
+
 def classification_metrics(y_true: pd.Series, y_pred: Any, y_score: Any | None, positive: Any) -> dict[str, float]:
     out = {
         "accuracy": skm.accuracy_score(y_true, y_pred),
@@ -107,6 +158,21 @@ def evaluate_model(
         return multiclass_metrics(y, y_pred, proba, getattr(model, "classes_", None))
     positive = spec.positive_class if positive is None else positive
     return classification_metrics(y, y_pred, positive_scores(model, X, positive), positive)
+
+
+def score_predictions(y_true: Any, y_pred: Any, spec: DatasetSpec) -> float:
+    """The task's primary metric of given predictions against labels (labels compared as text for classes, so a
+    served 1 matches a label read as 1.0)."""
+    from flywheel.tasks.drift import class_labels
+
+    y, p = pd.Series(np.asarray(y_true)), pd.Series(np.asarray(y_pred))
+    if spec.task == "regression":
+        return regression_metrics(y.astype(float), p.astype(float))[primary_metric("regression")]
+    y, p = class_labels(y), class_labels(p)
+    if spec.task == "multiclass":
+        return round(float(skm.f1_score(y, p, average="macro", zero_division=0)), 6)
+    positive = class_labels(pd.Series([spec.positive_class]))[0]
+    return round(float(skm.f1_score(y, p, pos_label=positive, zero_division=0)), 6)
 
 
 BASELINE_NAMES = {"binary": "majority class", "multiclass": "majority class", "regression": "mean"}

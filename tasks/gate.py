@@ -151,6 +151,30 @@ def promotion_gate(
 
 
 # --------------------------------------------------------------------------------------------------- tasks
+def champion_overlap(window_tag: str | None, holdout: dict[str, str], version: str) -> str | None:
+    """Whether the champion's training window (its `data_window` tag, "start..end") reaches into a time-honest
+    holdout: then the comparison favours the champion, and the reasons say so."""
+    import pandas as pd
+
+    from flywheel.core.timeutil import utc_timestamp
+
+    if not window_tag or "start" not in holdout or ".." not in window_tag:
+        return None
+    end = window_tag.split("..", 1)[1].strip()
+    if not end:
+        return f"champion v{version} was trained on an open-ended window ({window_tag}): it may have seen the holdout"
+    try:
+        champ_end, hold_start = utc_timestamp(end), utc_timestamp(holdout["start"])
+    except (ValueError, TypeError):
+        return None
+    if pd.isna(champ_end) or champ_end <= hold_start:
+        return f"champion v{version} was trained before the holdout (window {window_tag}): neither saw it"
+    return (
+        f"champion v{version} was trained up to {end}, into the holdout (from {holdout['start']}): the comparison "
+        "favours the champion"
+    )
+
+
 def champion_on_holdout(model_name: str, X, y, spec) -> tuple[str | None, dict[str, float] | None, str | None]:
     """The current champion's metrics on the candidate's holdout: (version, metrics, note).
 
@@ -158,17 +182,18 @@ def champion_on_holdout(model_name: str, X, y, spec) -> tuple[str | None, dict[s
     metrics are used instead and the note says so.
     """
     from flywheel.tasks import registry
-    from flywheel.tasks.evaluation import evaluate_model
+    from flywheel.tasks.evaluation import evaluate_model, holdout_note
     from flywheel.tasks.training import positive_label
 
     mlflow_client = registry.client()
     champ = registry.get_alias_version(mlflow_client, model_name, registry.CHAMPION)
     if champ is None:
         return None, None, None
+    seen = champion_overlap((champ.tags or {}).get(registry.TAG_WINDOW), holdout_note(X), champ.version)
     try:
         model = registry.load_sklearn_model(model_name, champ.version)
         positive = positive_label(y, spec) if spec.task == "binary" else None
-        return champ.version, evaluate_model(model, X, y, spec, positive), None
+        return champ.version, evaluate_model(model, X, y, spec, positive), seen
     except Exception as exc:  # a champion that cannot score this holdout is compared on its own metrics
         note = f"champion v{champ.version} could not score this holdout ({type(exc).__name__}); used its logged metrics"
         return champ.version, registry.version_metrics(mlflow_client, champ) or None, note
@@ -176,8 +201,10 @@ def champion_on_holdout(model_name: str, X, y, spec) -> tuple[str | None, dict[s
 
 @task(name="promotion-gate", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 5])
 def gate(candidate: dict[str, float], model_name: str, parts, spec, thresholds: GateThresholds) -> GateDecision:
-    """The candidate against the trivial baseline and the current champion, both on the candidate's holdout."""
-    from flywheel.tasks.evaluation import BASELINE_NAMES, baseline_metrics
+    """The candidate against the trivial baseline and the current champion, both on the candidate's holdout: for
+    data with an event time the most recent period, which neither was trained on (tasks/evaluation.py); the split
+    is the first of the reasons."""
+    from flywheel.tasks.evaluation import BASELINE_NAMES, baseline_metrics, holdout_note
     from flywheel.tasks.training import positive_label
 
     X, y = parts.X_test, parts.y_test
@@ -188,6 +215,7 @@ def gate(candidate: dict[str, float], model_name: str, parts, spec, thresholds: 
         candidate, champ_metrics, task=spec.task, thresholds=thresholds, champion_version=champ_version,
         baseline=baseline, baseline_model=BASELINE_NAMES[spec.task],
     )  # fmt: skip
+    decision.reasons.insert(0, holdout_note(X)["note"])
     if note:
         decision.reasons.append(note)
     return decision

@@ -8,7 +8,6 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +18,7 @@ from flywheel.core.names import slug
 from flywheel.core.settings import get_settings
 from flywheel.core.spec import DatasetSpec
 from flywheel.core.timeutil import to_utc, utc_timestamp
-from flywheel.tasks import data, drift, events, registry, runs
+from flywheel.tasks import data, drift, drift_windows, events, registry, retrain_policy, runs
 
 TAG_LAST_RETRAIN = "last_retrain_scheduled_event_time"
 TAG_LAST_DRIFT = "last_drift"
@@ -95,7 +94,9 @@ def no_reference(mlflow_client, name: str, champion: str, lo, hi, rows: int) -> 
 
 @task(name="load-current-data", cache_policy=NO_CACHE)
 def load_current(spec: DatasetSpec, model_name: str, current_uri: str | None, start: str | None, end: str | None):
-    """Serving data (or `current_uri`) in [start, end); without bounds, the latest drift window by event time."""
+    """Serving data (or `current_uri`) in [start, end); without bounds, the latest drift window by the data's own
+    event time, on clean boundaries of the spec's `drift_window` (a `1 month` window is a calendar month in the
+    spec's `time_zone`, ending at the boundary after the last event)."""
     if current_uri:
         frame = data.read_source(current_uri)
     else:
@@ -113,8 +114,12 @@ def load_current(spec: DatasetSpec, model_name: str, current_uri: str | None, st
     ts = to_utc(frame[time_col])
     if ts.notna().sum() == 0:
         raise drift.DriftDataError(f"current data has no readable event times in '{time_col}'")
-    hi = utc_timestamp(end) if end else ts.max() + pd.Timedelta(microseconds=1)
-    lo = utc_timestamp(start) if start else hi - pd.Timedelta(days=get_settings().drift_window_days)
+    plan = drift_windows.monitoring_plan(spec)
+    if end:
+        hi = utc_timestamp(end)
+    else:
+        hi = drift_windows.latest_window(ts.max(), plan.drift_window, plan.time_zone)[1]
+    lo = utc_timestamp(start) if start else drift_windows.window_before(hi, plan.drift_window, plan.time_zone)[0]
     window = frame.loc[(ts >= lo) & (ts < hi)].reset_index(drop=True)
     return window, lo, hi
 
@@ -136,10 +141,17 @@ def with_predictions(reference: pd.DataFrame, spec: DatasetSpec, champion) -> pd
     return champion_predictions(reference, spec, champion)
 
 
+LABEL_ROW = "row"  # a label's row within its request (0-based), for requests of many rows
+
+
 def _join_labels(frame: pd.DataFrame, labels: pd.DataFrame, target: str, which: str, labels_uri: str):
     if "request_id" not in frame.columns or PREDICTION not in frame.columns:
         raise drift.DriftDataError(f"{which} data has no request_id/prediction columns to join labels to")
-    joined = frame.drop(columns=[target], errors="ignore").merge(labels, on="request_id", how="inner")
+    keys = ["request_id"]
+    if LABEL_ROW in labels.columns:  # the served row's position in its request, as the request log keeps them
+        frame = frame.assign(**{LABEL_ROW: frame.groupby("request_id", sort=False).cumcount()})
+        keys.append(LABEL_ROW)
+    joined = frame.drop(columns=[target], errors="ignore").merge(labels, on=keys, how="inner")
     if joined.empty:
         raise drift.DriftDataError(f"no label in {labels_uri} matches a served request id in the {which} window")
     return joined
@@ -147,14 +159,16 @@ def _join_labels(frame: pd.DataFrame, labels: pd.DataFrame, target: str, which: 
 
 @task(name="join-labels", cache_policy=NO_CACHE)
 def with_labels(reference: pd.DataFrame, current: pd.DataFrame, spec: DatasetSpec, champion, labels_uri: str):
-    """Served rows that have a label (joined by request id), and the champion's own predictions on its reference
+    """Served rows that have a label (joined by request id, and by `row` within the request when the labels
+    carry it), and the champion's own predictions on its reference
     sample, so Evidently compares its quality then and now. A served reference (a champion registered outside
     Flywheel) gets its labels by request id too."""
     labels = data.read_source(labels_uri)
     missing = {"request_id", spec.target} - set(labels.columns)
     if missing:
         raise drift.DriftDataError(f"labels at {labels_uri} lack column(s) {sorted(missing)}")
-    labels = labels[["request_id", spec.target]].drop_duplicates("request_id", keep="last")
+    keys = ["request_id", LABEL_ROW] if LABEL_ROW in labels.columns else ["request_id"]
+    labels = labels[[*keys, spec.target]].drop_duplicates(keys, keep="last")
     joined = _join_labels(current, labels, spec.target, "current", labels_uri)
     if spec.target not in reference.columns:
         reference = _join_labels(reference, labels, spec.target, "reference", labels_uri)
@@ -199,18 +213,56 @@ def log_report(result, html_path: str, model_name: str, version: str, lo, hi) ->
     )
 
 
-def retrain_decision(mlflow_client, name: str, result: drift.DriftResult, hi: pd.Timestamp) -> drift.RetrainDecision:
-    """`drift.should_retrain` with the cooldown read from the registry, the thresholds from settings, and whether a
-    training run of this model is already in flight."""
+def label_evidence(mlflow_client, name: str, spec: DatasetSpec, champion, labelled: pd.DataFrame):
+    """The label signal (retrain_policy.LabelEvidence): the champion's primary metric on the labelled rows it
+    served itself, against its own logged holdout value; and, where a challenger other than the champion exists,
+    both scored on those same rows."""
+    from flywheel.tasks.evaluation import primary_metric, score_predictions
+
+    metric = primary_metric(spec.task)
+    rows = labelled.loc[labelled["model_version"].astype(str) == str(champion.version)] if (
+        "model_version" in labelled.columns) else labelled  # fmt: skip
+    if rows.empty:
+        rows = labelled
+    rows = rows.loc[rows[spec.target].notna()].reset_index(drop=True)
+    if rows.empty:
+        return None
+    live = score_predictions(rows[spec.target], rows[PREDICTION], spec)
+    holdout = registry.version_metrics(mlflow_client, champion).get(metric)
+    tolerance = spec.label_tolerance if spec.label_tolerance is not None else retrain_policy.DEFAULT_LABEL_TOLERANCE
+    ev = retrain_policy.LabelEvidence(metric, len(rows), str(champion.version), live, holdout, tolerance)
+    challenger = registry.get_alias_version(mlflow_client, name, registry.CHALLENGER)
+    if challenger is not None and str(challenger.version) != str(champion.version):
+        try:
+            model = registry.load_sklearn_model(name, challenger.version)
+            X = rows[spec.features].astype({c: "float64" for c in spec.numeric})
+            ev.challenger_version = str(challenger.version)
+            ev.challenger_live = score_predictions(rows[spec.target], model.predict(X), spec)
+            ev.champion_same_rows = live
+        except Exception:  # noqa: BLE001 - a challenger that cannot score these rows gives no comparison
+            ev.challenger_version = None
+    return ev
+
+
+def retrain_decision(
+    mlflow_client, name: str, result: drift.DriftResult, hi: pd.Timestamp, spec: DatasetSpec | None = None,
+    labels: retrain_policy.LabelEvidence | None = None,
+) -> retrain_policy.RetrainDecision:  # fmt: skip
+    """`retrain_policy.should_retrain` with the cooldown read from the registry and its length from the spec
+    (settings as fallback), the thresholds from settings, the label signal when given, and whether a training run
+    of this model is already in flight."""
     s = get_settings()
+    plan = drift_windows.monitoring_plan(spec) if spec is not None else None
     last = mlflow_client.get_registered_model(name).tags.get(TAG_LAST_RETRAIN)
-    return drift.should_retrain(
+    return retrain_policy.should_retrain(
         result,
         now_event_time=hi,
         last_retrain_event_time=utc_timestamp(last) if last else None,
-        cooldown=timedelta(days=s.retrain_cooldown_days),
+        cooldown=plan.cooldown if plan else s.retrain_cooldown_days,
         min_rows=s.drift_min_rows,
         in_flight=runs.train_in_flight(name),
+        labels=labels,
+        time_zone=plan.time_zone if plan else "UTC",
     )
 
 
@@ -228,16 +280,21 @@ class Retraining:
 
 
 def schedule_retraining(
-    mlflow_client, name: str, result: drift.DriftResult, hi: pd.Timestamp, send: Callable[..., object] | None = None
+    mlflow_client, name: str, result: drift.DriftResult, hi: pd.Timestamp, send: Callable[..., object] | None = None,
+    spec: DatasetSpec | None = None,
 ) -> Retraining:
-    """Send the drift event that retrains on the last `retrain_window_days` before `hi`, then start the cooldown
-    (`send` is `events.request_retraining` unless given).
+    """Send the drift event that retrains on the spec's `retrain_window` (FLYWHEEL_RETRAIN_WINDOW_DAYS without one)
+    before `hi`, then start the cooldown (`send` is `events.request_retraining` unless given).
 
     The cooldown tag is set only once the event is sent: set before a send that fails, it would block retraining
     for the whole cooldown with nothing scheduled. An unsent event leaves no tag, so the next check tries again.
     """
-    start = (hi - pd.Timedelta(days=get_settings().retrain_window_days)).strftime(_EVENT_TIME)
-    end = hi.strftime(_EVENT_TIME)
+    if spec is not None:
+        plan = drift_windows.monitoring_plan(spec)
+        lo = drift_windows.window_before(hi, plan.retrain_window, plan.time_zone)[0]
+    else:
+        lo = drift_windows.window_before(hi, drift_windows.parse_period(get_settings().retrain_window_days))[0]
+    start, end = lo.strftime(_EVENT_TIME), utc_timestamp(hi).strftime(_EVENT_TIME)
     try:
         (send or events.request_retraining)(name, start, end, result.drift_share)
     except Exception as exc:  # any failure to send: nothing is scheduled
@@ -266,6 +323,7 @@ def verdict(
         "dataset_drift": result.dataset_drift, "drift_share": result.drift_share, "rows": result.rows_current,
         "retrain": decision.retrain and (retraining is None or retraining.scheduled), "reasons": reasons,
         "report": link, "quality": result.quality, "quality_decay": result.quality_decay,
+        "signal": decision.signal,
     }  # fmt: skip
 
 
@@ -274,12 +332,18 @@ def record_verdict(mlflow_client, name: str, summary: dict) -> None:
     mlflow_client.set_registered_model_tag(name, TAG_LAST_DRIFT, json.dumps(summary)[:4900])
 
 
-def publish_verdict(name: str, champion: str, result: drift.DriftResult, link: str, reasons: list[str]) -> None:
-    """The verdict as a Prefect markdown artifact of the flow run."""
+def publish_verdict(
+    name: str, champion: str, result: drift.DriftResult, link: str, reasons: list[str], window=None,
+    signal: str | None = None,
+) -> None:  # fmt: skip
+    """The verdict as a Prefect markdown artifact of the flow run: the window checked, what was found, and which
+    signal decided."""
     from prefect.artifacts import create_markdown_artifact
 
+    decided = f" (decided by {signal})" if signal else ""
     create_markdown_artifact(
         key=f"drift-{slug(name)}",
-        markdown=drift.drift_markdown(result, link) + "\n\n**Retrain:** " + "; ".join(reasons),
+        markdown=drift.drift_markdown(result, link, window=window, reference=f"champion v{champion}'s reference")
+        + f"\n\n**Retrain{decided}:** " + "; ".join(reasons),
         description=f"Drift check of {name} v{champion}",
     )

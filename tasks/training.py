@@ -540,7 +540,9 @@ def _fit_cache_key(context, parameters) -> str:
 
 @task(name="split-dataset", cache_policy=NO_CACHE)
 def split(df: pd.DataFrame, spec: DatasetSpec, seed: int = 42) -> Split:
-    return split_dataset(df, spec, seed=seed)
+    from flywheel.tasks.evaluation import time_holdout_split  # the latest period for event-time data
+
+    return time_holdout_split(df, spec) or split_dataset(df, spec, seed=seed)
 
 
 @task(name="train-model", cache_key_fn=_fit_cache_key, cache_expiration=timedelta(days=7), persist_result=True)

@@ -1,9 +1,11 @@
 """`flywheel demo`: the closed loop on the embedded default, replayed month by month on the 2013 flights.
 
 Train on January–February → champion → deployed by the alias webhook. Then, for each later month: send that
-month's flights to the model server (the request log records them), run the `check-drift` flow on that
-month (by the data's own event time); when it schedules retraining, wait for the `train/on-drift` run and, when
-its version passes the gate, for the deployment that follows. Everything runs through the real stack (MLflow,
+month's flights to the model server (the request log records them, each batch under its own request id), hand
+the loop that month's labels (request id, row, `late`: a flight's delay is known the same day), and run the
+`check-drift/cron` deployment, which checks the latest drift window by the data's own event time (a calendar
+month in New York) and lets the labels decide; when it schedules retraining, wait for the `train/on-drift` run
+and, when its version passes the gate, for the deployment that follows. Everything runs through the real stack (MLflow,
 Prefect, bridge, model server); this module only drives it and writes down what happened.
 """
 
@@ -45,10 +47,13 @@ class MonthRow:
     retrained: bool
     new_version: str | None
     promoted: bool
-    champion_version: str
+    champion_version: str  # the champion after this month's decision (serves the next month)
     champion_holdout_f1: float | None
     note: str = ""
     metric: str = "f1"
+    live_champion: str = ""  # the champion that served this month's traffic (whose live metric this is)
+    signal: str | None = None  # what decided the retraining: "labels", "data drift" or "none"
+    window: str = ""  # the drift check's event-time window
 
 
 METRIC_LABELS = {"f1": "F1", "f1_macro": "macro F1", "rmse": "RMSE"}
@@ -142,21 +147,52 @@ class Loop:
 
         _wait(f"the model server to serve v{version}", done, timeout)
 
-    def send(self, frame: pd.DataFrame, columns: list[str], spec, batch: int = 500) -> tuple[int, float | None]:
-        """Score the rows through the model server in batches; (rows that failed, the live primary metric against
-        the labels: F1, macro F1 or RMSE)."""
+    def send(
+        self, frame: pd.DataFrame, columns: list[str], spec, batch: int = 500, tag: str = "demo"
+    ) -> tuple[int, float | None, pd.DataFrame]:
+        """Score the rows through the model server in batches, each under its own request id; (rows that failed,
+        the live primary metric against the labels: F1, macro F1 or RMSE, the labels as a user with late ground
+        truth would hand them over: request_id, row within the request, target)."""
         target = spec.target
-        errors, preds, truth = 0, [], []
+        errors, preds, truth, labels = 0, [], [], []
         for i in range(0, len(frame), batch):
             part = frame.iloc[i : i + batch]
+            rid = f"{tag}-{i // batch:05d}"
             body = json.loads(part[columns].to_json(orient="split", index=False, date_format="iso"))
-            resp = self.http.post(self.urls["model_url"] + "/invocations", json={"dataframe_split": body})
+            resp = self.http.post(self.urls["model_url"] + "/invocations",
+                                  json={"dataframe_split": body, "params": {"request_id": rid}})  # fmt: skip
             if resp.status_code != 200:
                 errors += len(part)
                 continue
             preds.extend(resp.json()["predictions"])
             truth.extend(part[target].tolist())
-        return errors, live_score(truth, preds, spec)
+            labels.append(pd.DataFrame({"request_id": rid, "row": range(len(part)), target: part[target].to_numpy()}))
+        frame_labels = pd.concat(labels, ignore_index=True) if labels else pd.DataFrame()
+        return errors, live_score(truth, preds, spec), frame_labels
+
+    def check_drift(self, labels_uri: str, timeout: float = 600) -> dict:
+        """A run of the `check-drift/cron` deployment (its page in the Prefect UI lists it) on the latest drift
+        window, with the labels; its verdict (the flow's persisted result, else the `last_drift` tag)."""
+        from prefect.deployments import run_deployment
+
+        run = run_deployment("check-drift/cron", parameters={"model_name": self.name, "labels_uri": labels_uri},
+                             timeout=timeout)  # fmt: skip
+        if run.state is None or not run.state.is_completed():
+            state = run.state.name if run.state else "unknown"
+            raise DemoError(f"check-drift/cron run {run.name} ended {state}")
+        try:
+            verdict = run.state.result()
+            if isinstance(verdict, dict):
+                return verdict
+        except Exception:  # noqa: BLE001 - result not reachable from this process: the registry keeps the verdict
+            pass
+        tags = self.client.get_registered_model(self.name).tags
+        for key in ("last_drift_json", "last_drift"):
+            try:
+                return json.loads(tags.get(key) or "")
+            except ValueError:
+                continue
+        return {}
 
     def wait_request_log_flushed(self, timeout: float = 60) -> None:
         token = self.s.secret("admin_token")
@@ -205,15 +241,19 @@ class Loop:
         return _wait(f"train run {run['name']} to finish", finished, timeout, interval=2)
 
 
-def month_bounds(first: str = "2013-03-01", last: str = "2014-01-01") -> list[tuple[str, str]]:
-    starts = pd.date_range(first, last, freq="MS")
-    return [(a.strftime("%Y-%m-%d"), b.strftime("%Y-%m-%d")) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+def month_bounds(first: str = "2013-03-01", last: str = "2014-01-01", tz: str | None = None) -> list[tuple[str, str]]:
+    """Calendar months [start, end): dates in UTC, or ISO times with the offset of `tz` (the data's time zone)."""
+    if tz is None:
+        starts = pd.date_range(first, last, freq="MS")
+        return [(a.strftime("%Y-%m-%d"), b.strftime("%Y-%m-%d")) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    starts = pd.date_range(first, last, freq="MS", tz=tz)
+    return [(a.isoformat(), b.isoformat()) for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
 
 def replay(loop: Loop, months: int | None = None) -> list[MonthRow]:
     from flywheel.core.spec import load_spec
-    from flywheel.flows.check_drift import check_drift
     from flywheel.flows.train import train as train_flow
+    from flywheel.stack import local
     from flywheel.tasks import data
     from flywheel.tasks.evaluation import primary_metric
 
@@ -230,20 +270,26 @@ def replay(loop: Loop, months: int | None = None) -> list[MonthRow]:
 
     flights = data.pull_dataset(spec)
     columns = [*spec.numeric, *spec.categorical, spec.event_time]
+    labels_dir = local.state_dir(s) / "labels"
+    labels_dir.mkdir(parents=True, exist_ok=True)
     rows: list[MonthRow] = []
-    for lo, hi in month_bounds()[:months]:
+    for lo, hi in month_bounds(tz=spec.time_zone)[:months]:
         month = data.window(flights, spec.event_time, lo, hi)
-        errors, live_f1 = loop.send(month, columns, spec)
+        live_champion = champion.version
+        errors, live_f1, labels = loop.send(month, columns, spec, tag=lo[:7])
         loop.wait_request_log_flushed()
+        labels.to_parquet(labels_dir / f"labels-{lo[:7]}.parquet", index=False)  # late ground truth, by request id
         t0 = time.time()
-        # The check-drift flow in this process (a flow run in the Prefect UI like the cron deployment's, without a
-        # fresh process per month); the retraining it schedules goes through the event and `train/on-drift`.
-        verdict = check_drift(model_name=loop.name, start=lo, end=hi)
+        # Through the `check-drift/cron` deployment, on the latest window by event time (the month just served);
+        # the retraining it schedules goes through the event and `train/on-drift`.
+        verdict = loop.check_drift(str(labels_dir))
+        window = verdict.get("window") or ["", ""]
         row = MonthRow(
             month=lo[:7], rows_sent=len(month), serving_errors=errors, live_f1=live_f1,
             drift_share=verdict.get("drift_share"), dataset_drift=verdict.get("dataset_drift"),
             retrained=bool(verdict.get("retrain")), new_version=None, promoted=False,
             champion_version=champion.version, champion_holdout_f1=loop.holdout_f1(champion, metric), metric=metric,
+            live_champion=live_champion, signal=verdict.get("signal"), window=f"[{window[0]}, {window[1]})",
         )  # fmt: skip
         if row.retrained:
             before = loop.newest_version()
@@ -273,7 +319,8 @@ def _format_row(r: MonthRow) -> str:
     hf1 = f"{r.champion_holdout_f1:.3f}" if r.champion_holdout_f1 is not None else "-"
     label = METRIC_LABELS.get(r.metric, r.metric)
     return (
-        f"{r.month}  rows {r.rows_sent:>6}  drift {share:>5}  retrained {'yes' if r.retrained else 'no ':3}  "
+        f"{r.month}  served by v{r.live_champion or r.champion_version}  rows {r.rows_sent:>6}  drift {share:>5}  "
+        f"decided by {r.signal or '-'}  retrained {'yes' if r.retrained else 'no ':3}  "
         f"promoted {'yes' if r.promoted else 'no ':3}  champion v{r.champion_version:<3} holdout {label} {hf1}  "
         f"live {label} {f1}  serving errors {r.serving_errors}"
     )
@@ -282,16 +329,18 @@ def _format_row(r: MonthRow) -> str:
 def summary_table(rows: list[MonthRow]) -> str:
     label = METRIC_LABELS.get(rows[0].metric, rows[0].metric) if rows else "F1"
     head = (
-        f"| month | drift share | retrained? | promoted? | champion | holdout {label} | live {label} | serving errors |"
+        f"| month | served by | live {label} | drift share | decided by | retrained? | promoted? | champion after "
+        f"| holdout {label} | serving errors |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r.month} | {'-' if r.drift_share is None else f'{r.drift_share:.2f}'} "
+            f"| {r.month} | v{r.live_champion or r.champion_version} "
+            f"| {'-' if r.live_f1 is None else f'{r.live_f1:.3f}'} "
+            f"| {'-' if r.drift_share is None else f'{r.drift_share:.2f}'} | {r.signal or '-'} "
             f"| {'yes' if r.retrained else 'no'} "
             f"| {'yes' if r.promoted else 'no'} | v{r.champion_version} "
-            f"| {'-' if r.champion_holdout_f1 is None else f'{r.champion_holdout_f1:.3f}'} "
-            f"| {'-' if r.live_f1 is None else f'{r.live_f1:.3f}'} | {r.serving_errors} |"
+            f"| {'-' if r.champion_holdout_f1 is None else f'{r.champion_holdout_f1:.3f}'} | {r.serving_errors} |"
         )
     return "\n".join(lines)
 

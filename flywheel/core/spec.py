@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +18,41 @@ DEMO_SPEC = "flights.yaml"
 
 class SpecError(UserError, ValueError):
     """The dataset spec file is missing, unreadable or inconsistent."""
+
+
+PERIOD_UNITS = ("hour", "day", "week", "month", "year")
+_PERIOD = re.compile(r"^\s*(\d+(?:\.\d+)?)?\s*(hour|day|week|month|year)s?\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Period:
+    """A length of event time as a person names it: "1 month", "30 days", "2 weeks". Calendar units (day, week,
+    month, year) also name the boundaries a window aligns to, in the data's time zone."""
+
+    n: float
+    unit: str
+
+    def __str__(self) -> str:
+        n = int(self.n) if float(self.n).is_integer() else self.n
+        return f"{n} {self.unit}{'' if n == 1 else 's'}"
+
+
+def parse_period(value: str | float | int | Period, default_unit: str = "day") -> Period:
+    """A Period from "1 month" / "30 days" / "2 weeks" / "1 year" / "6 hours", or a bare number of `default_unit`."""
+    if isinstance(value, Period):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            raise SpecError(f"period {value!r} must be positive")
+        return Period(float(value), default_unit)
+    match = _PERIOD.match(str(value))
+    if not match:
+        raise SpecError(f"period {value!r} is not a length of time: use e.g. '1 month', '30 days', '2 weeks'")
+    n = float(match.group(1) or 1)
+    unit = match.group(2).lower()
+    if n <= 0 or (unit in ("month", "year") and not n.is_integer()):
+        raise SpecError(f"period {value!r} must be a positive number of {unit}s (whole for months and years)")
+    return Period(n, unit)
 
 
 class GateSpec(BaseModel):
@@ -60,6 +97,16 @@ class DatasetSpec(BaseModel):
     default_end: str | None = None
     # Gate floors, uplift and baseline margin for the model trained on this dataset (see GateSpec).
     gate: GateSpec = Field(default_factory=GateSpec)
+    # Monitoring of the model trained on this dataset, in the data's own event time; unset ones fall back to the
+    # FLYWHEEL_DRIFT_WINDOW_DAYS / RETRAIN_WINDOW_DAYS / RETRAIN_COOLDOWN_DAYS / LABELS_URI settings.
+    drift_window: str | None = None  # what one drift check reads, e.g. "1 month" (calendar months) or "30 days"
+    retrain_window: str | None = None  # the data a drift-triggered retraining uses, e.g. "3 months"
+    retrain_cooldown: str | None = None  # event time after a scheduled retraining before the next one
+    time_zone: str | None = None  # the zone calendar windows align in (IANA name); UTC when unset
+    labels_uri: str | None = None  # late ground truth: request_id (+ row) and the target
+    # Relative fall of the champion's primary metric on recent labelled traffic, against its own holdout, that
+    # calls for retraining (0.1 = 10 % worse); FLYWHEEL_LABEL_TOLERANCE when unset.
+    label_tolerance: float | None = Field(None, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> DatasetSpec:
@@ -77,6 +124,20 @@ class DatasetSpec(BaseModel):
             problems.append(f"columns both dropped and used: {overlap}")
         if self.task == "binary" and self.positive_class is None:
             problems.append("task 'binary' needs 'positive_class'")
+        for key in ("drift_window", "retrain_window", "retrain_cooldown"):
+            value = getattr(self, key)
+            if value is not None:
+                try:
+                    parse_period(value)
+                except SpecError as exc:
+                    problems.append(f"{key}: {exc}")
+        if self.time_zone is not None:
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            try:
+                ZoneInfo(self.time_zone)
+            except (ZoneInfoNotFoundError, ValueError):
+                problems.append(f"time_zone {self.time_zone!r} is not an IANA time zone (e.g. Europe/Paris)")
         if problems:
             raise ValueError("; ".join(problems))
         return self

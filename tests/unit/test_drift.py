@@ -18,7 +18,8 @@ import pytest
 
 from flywheel.core.spec import DatasetSpec
 from flywheel.tasks import drift, training
-from flywheel.tasks.drift import DriftDataError, DriftResult, compute_drift, drift_markdown, should_retrain
+from flywheel.tasks.drift import DriftDataError, DriftResult, compute_drift, drift_markdown
+from flywheel.tasks.retrain_policy import should_retrain
 
 CAP = 15_000  # per side: Jan–Feb has ~50k rows, so the reference is always sampled
 WEATHER = ["temp", "dewp", "humid", "wind_speed", "precip", "pressure", "visib"]
@@ -277,10 +278,11 @@ def test_quality_decay_alone_retrains(march_result):
     assert decision.retrain is True and "quality decay" in decision.reasons[0]
 
 
-def test_event_time_going_back_does_not_block(july_result):
-    """A replay restarted from an earlier month: the last retraining lies in the 'future'."""
+def test_a_last_retraining_after_now_is_inside_the_cooldown(july_result):
+    """A window already acted on (the last retraining lies at or after its end) is in cooldown, never skipped
+    (issue 16: the cron right after the demo retrained at once)."""
     decision = decide(july_result, last="2013-12-01")
-    assert decision.retrain is True and any("replayed" in r for r in decision.reasons)
+    assert decision.retrain is False and any("already acted on" in r for r in decision.reasons)
 
 
 # --------------------------------------------------------------------------------------------------- markdown

@@ -14,7 +14,7 @@ import pytest
 from sklearn.metrics import f1_score
 
 from flywheel.core.spec import DatasetSpec
-from flywheel.tasks import drift, monitoring
+from flywheel.tasks import drift, monitoring, retrain_policy
 from flywheel.tasks.drift import class_labels, compute_drift
 
 NUMERIC = ["bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g"]
@@ -95,8 +95,8 @@ def test_late_labels_give_macro_quality_then_and_now(halves, shifted):
     assert result.quality["current"]["f1_macro"] == pytest.approx(expected["current"], abs=1e-9)
     assert result.quality_decay > drift.DEFAULT_MAX_QUALITY_DECAY
     assert [c.column for c in result.columns] == [*COLUMNS, "prediction"]  # the target is not drift-checked
-    decision = drift.should_retrain(result, now_event_time="2009-12-31", last_retrain_event_time=None, cooldown=7,
-                                    min_rows=100, in_flight=False)  # fmt: skip
+    decision = retrain_policy.should_retrain(result, now_event_time="2009-12-31", last_retrain_event_time=None,
+                                             cooldown=7, min_rows=100, in_flight=False)  # fmt: skip
     assert decision.retrain and any(r.startswith("quality decay: f1_macro") for r in decision.reasons)
 
 

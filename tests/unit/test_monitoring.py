@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from flywheel.tasks import events, monitoring
-from flywheel.tasks.drift import DriftResult, RetrainDecision
+from flywheel.tasks.drift import DriftResult
+from flywheel.tasks.retrain_policy import RetrainDecision
 
 HI = pd.Timestamp("2013-08-01", tz="UTC")
 
