@@ -6,15 +6,26 @@ Where no Docker-compatible engine answers, we say so and record no image: nothin
 Compiling (flywheel.tasks.compiling) keeps the compiled model and its parity result with the version's run, so any
 model server that loads the version serves it compiled — or through pyfunc, with the reason, when conversion or
 parity failed or `FLYWHEEL_COMPILE_MODELS` is off. A compilation that fails never fails the packaging.
+
+A version packaged before is reused, not rebuilt: the build context carries a manifest (`MANIFEST_FILE`) naming
+what it was built from (model, version, run, source, library versions) and the digest of every file MLflow
+generated. When all of it still matches — and every listed file is there with the same bytes — the context is kept
+as it is, and the verdict already on the version's run (`compiled/compiled.json`) is reused when it was made from
+this very model, with these libraries, on the version's own holdout sample. Anything missing or different
+rebuilds the context (and compile_version decides about recompiling), so a cache whose files are gone is never
+trusted.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -32,6 +43,7 @@ class Package:
     image_id: str | None
     engine: str  # "docker" or a sentence saying why no image was built
     compiled: str = ""  # the compile verdict: "compiled: yes (…)", "compiled: no (…)" or "compiled: off (…)"
+    reused: str = ""  # what was reused from an earlier packaging of the version ("" when everything was built)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -57,11 +69,81 @@ def build_context(model_name: str, version: str, out_dir: Path) -> Path:
 
 
 def digest_dir(path: Path) -> str:
+    return digest_files(path, [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()])
+
+
+def digest_files(root: Path, files: list[str]) -> str:
+    """The digest of `files` (paths relative to `root`), names and bytes; a missing file raises FileNotFoundError."""
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode())
-        h.update(f.read_bytes())
+    for rel in sorted(files):
+        h.update(rel.encode())
+        h.update((root / rel).read_bytes())
     return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------- reuse
+MANIFEST_FILE = ".flywheel-package.json"
+
+
+def package_key(model_name: str, version: str, mv: Any) -> dict:
+    """What a package is built from: a different value of any of these rebuilds it."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    from flywheel.tasks import compiling
+    from flywheel.tasks.compiling.plan import FORMAT_VERSION
+
+    libs = dict(compiling.versions())
+    for dist in ("mlflow", "flywheel"):
+        try:
+            libs[dist] = dist_version(dist)
+        except PackageNotFoundError:
+            libs[dist] = ""
+    return {"model_name": model_name, "version": str(version), "run_id": mv.run_id or "", "source": str(mv.source),
+            "compile_format": FORMAT_VERSION, "versions": libs}  # fmt: skip
+
+
+def write_manifest(context: Path, key: dict, files: list[str], digest: str) -> None:
+    tmp = context / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(json.dumps({"key": key, "files": sorted(files), "digest": digest}, indent=2))
+    os.replace(tmp, context / MANIFEST_FILE)
+
+
+def reusable_context(context: Path, key: dict) -> str | None:
+    """The digest of a context built before from the same `key`, every generated file still there unchanged;
+    None when there is none (missing, another key, a file gone or altered, an unreadable manifest)."""
+    try:
+        manifest = json.loads((context / MANIFEST_FILE).read_text())
+        if manifest.get("key") != key or "Dockerfile" not in manifest.get("files", []):
+            return None
+        if digest_files(context, manifest["files"]) != manifest.get("digest"):
+            return None
+        return str(manifest["digest"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def reusable_verdict(mlflow_client: Any, model_name: str, mv: Any) -> str | None:
+    """The compile verdict already on the version's run, when it was made from this very model, with these
+    libraries, on the version's own holdout sample (which never changes) and its ONNX file is still there; the
+    version's `compiled` tag is set again if it differs. None: compile_version decides."""
+    from flywheel.tasks import compiling, registry
+    from flywheel.tasks.compiling.plan import FORMAT_VERSION
+
+    meta = compiling.read_meta(mlflow_client, mv.run_id)
+    if not meta or meta.get("format") != FORMAT_VERSION or meta.get("source") != str(mv.source):
+        return None
+    if meta.get("versions") != compiling.versions() or not meta.get("reason"):
+        return None
+    if meta.get("fingerprint") != compiling.fingerprint(str(mv.source), f"v{mv.version}'s holdout sample"):
+        return None  # checked on the champion's sample (which may have moved since) or of another format
+    if meta.get("ok") and not registry.has_run_artifact(mlflow_client, mv.run_id, compiling.ONNX_ARTIFACT):
+        return None
+    reason = str(meta["reason"])
+    tag = reason.removeprefix("compiled: ")[:5000]
+    if (mv.tags or {}).get(compiling.TAG_COMPILED) != tag:
+        registry.set_version_tags(mlflow_client, model_name, mv.version, {compiling.TAG_COMPILED: tag})
+    return reason
 
 
 DIGEST_LABEL = "io.flywheel.context-digest"
@@ -109,11 +191,40 @@ def compile_for_serving(model_name: str, version: str, enabled: bool | None = No
 def package_version(
     model_name: str, version: str, work_dir: Path, build: bool = True, compile_model: bool | None = None
 ) -> Package:
-    context = build_context(model_name, version, work_dir / f"{model_name}-v{version}")
-    tag, digest = image_tag(model_name, version), digest_dir(context)
+    """Package the version (see the module docstring): a context built before from the same version, run, source
+    and libraries, and its compile verdict, are reused; anything missing or different is built again."""
+    from flywheel.core.settings import get_settings
+    from flywheel.tasks import registry
+
+    client = registry.client()
+    mv = client.get_model_version(model_name, str(version))
+    key = package_key(model_name, str(version), mv)
+    out_dir, reused = work_dir / f"{model_name}-v{version}", []
+    digest = reusable_context(out_dir, key)
+    if digest is not None:
+        context = out_dir
+        reused.append("build context")
+    else:
+        context = build_context(model_name, version, out_dir)
+        files = [str(p.relative_to(context)) for p in context.rglob("*") if p.is_file()]
+        digest = digest_files(context, files)
+        write_manifest(context, key, files, digest)
+    tag = image_tag(model_name, version)
     image_id, engine = build_image(context, tag, digest) if build else (None, "image build disabled")
-    compiled = compile_for_serving(model_name, version, compile_model)
-    return Package(model_name, str(version), str(context), digest, tag, image_id, engine, compiled)
+    enabled = get_settings().compile_models if compile_model is None else compile_model
+    compiled = None
+    if enabled:
+        try:
+            compiled = reusable_verdict(client, model_name, mv)
+        except Exception as exc:  # the registry failing here: compile_for_serving tries (and says why)
+            logging.getLogger("flywheel.packaging").warning("reading %s v%s's verdict failed: %s", model_name,
+                                                            version, exc)  # fmt: skip
+    if compiled is not None:
+        reused.append("compiled verdict")
+    else:
+        compiled = compile_for_serving(model_name, version, enabled)
+    note = f"reused: {' and '.join(reused)} of an earlier packaging" if reused else ""
+    return Package(model_name, str(version), str(context), digest, tag, image_id, engine, compiled, note)
 
 
 @task(name="package-model", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 5])
@@ -127,4 +238,6 @@ def package(model_name: str, version: str, work_dir: str, build: bool = True) ->
     else:
         logger.warning("%s v%s: %s; build context at %s", model_name, version, pkg.engine, pkg.context_dir)
     logger.info("%s v%s %s", model_name, version, pkg.compiled)
+    if pkg.reused:
+        logger.info("%s v%s %s", model_name, version, pkg.reused)
     return pkg

@@ -107,7 +107,9 @@ def compile_version(mlflow_client: Any, model_name: str, version: str, *, enable
         return tagged(Verdict.refused("the version has no run to keep a compiled model with"))
     sample, sample_source = parity_sample(mlflow_client, model_name, mv)
     existing = read_meta(mlflow_client, mv.run_id)
-    if existing and existing.get("fingerprint") == fingerprint(str(mv.source), sample_source):
+    # A passing verdict is reused only while its ONNX file is still on the run (else it is compiled again).
+    if (existing and existing.get("fingerprint") == fingerprint(str(mv.source), sample_source)
+            and (not existing.get("ok") or _run_has(mlflow_client, mv.run_id, ONNX_ARTIFACT))):  # fmt: skip
         return tagged(Verdict(bool(existing.get("ok")), str(existing.get("reason")),
                               parity=existing.get("parity") or {}, meta=existing))  # fmt: skip
     started = time.perf_counter()
