@@ -86,7 +86,7 @@ def test_three_candidates_nested_runs_best_registered_and_gated(flow_env, model_
     from flywheel.tasks import data, evaluation
 
     spec = load_spec(None)
-    split = training.split_dataset(data.pull_dataset(spec, *JAN), spec, seed=get_settings().seed)
+    split = training.split.fn(data.pull_dataset(spec, *JAN), spec, seed=get_settings().seed)  # the flow's own split
     positive = training.positive_label(split.y_test, spec)
     alone = {
         m.name: evaluation.evaluate_model(
