@@ -194,7 +194,7 @@ def server_state(st, urls) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- case 9
-def test_webhook_receiver_refuses_forgeries_and_emits_nothing(stack):
+def test_webhook_receiver_refuses_forgeries_and_emits_nothing(stack, trained):
     st, urls, _ = stack
     since = _now() - dt.timedelta(seconds=2)
     secret = (st.root / "webhook_secret").read_text().strip()
@@ -214,7 +214,8 @@ def test_webhook_receiver_refuses_forgeries_and_emits_nothing(stack):
         assert 400 <= resp.status_code < 500, (case, resp.status_code, resp.text)
         assert resp.json()["status"] == "error", case
     # The sentinel: a genuine delivery sent after the forgeries reaches Prefect; a forged one would have been first.
-    sentinel_body = mlflow_body(MODEL, "1", alias=None, entity="model_version", action="created")
+    # (a version the registry has: the bridge refuses, 422, a delivery naming one it has not)
+    sentinel_body = mlflow_body(MODEL, trained.version, alias=None, entity="model_version", action="created")
     sentinel = signed(sentinel_body, secret)
     resp = httpx.post(hook, content=sentinel_body, headers=sentinel, timeout=10)
     assert resp.status_code == 200 and resp.json()["status"] == "emitted", resp.text
@@ -309,7 +310,8 @@ def test_model_loading_only_from_the_configured_registry(stack, client, trained)
 
     runs = _wait("deploy-model runs for the intruder and the missing version", settled, timeout=180, interval=1.0)
     by_name = {(r["parameters"].get("name"), str(r["parameters"].get("version"))): r for r in runs}
-    assert by_name[(MODEL, "987")]["state_type"] == "FAILED"  # resolve-version: not in the registry
+    # The alias never pointed at 987: the run ends at once as superseded (or fails resolving it), loading nothing.
+    assert by_name[(MODEL, "987")]["state_name"] in ("Superseded", "Failed"), by_name[(MODEL, "987")]["state_name"]
     end = server_state(st, urls)
     serving = before["active"]["version"]
     assert end["active"]["version"] == serving, f"another model's alias move changed what serves: {end['active']}"
