@@ -153,7 +153,7 @@ def test_a_version_whose_predict_raises_is_refused_for_it_and_v1_keeps_serving(s
     reason = client.get_model_version(MODEL, "2").tags["deploy_reason"]
     assert re.match(
         r"smoke test failed on \d+ rows of the latest served rows \(none found: v2's holdout sample, "
-        r"the champion v1's holdout sample\): predictions that error: ", reason
+        r"the champion v1's holdout sample\); the serving version fails 0 of them: predictions that error: ", reason
     ), reason
     assert "RuntimeError: this model is broken on purpose" in reason and "moved back to v1" in reason
     assert "Failed to download" not in reason
