@@ -75,7 +75,8 @@ def label_triggers(ev: LabelEvidence) -> tuple[list[str], list[str]]:
         decay = ev.worse_by(ev.holdout, ev.live)
         text = (
             f"labels: champion v{ev.champion_version} {m} {ev.live:.3f} on {ev.rows:,} recent labelled rows vs "
-            f"{ev.holdout:.3f} on its holdout ({decay:+.0%} worse; tolerance {ev.tolerance:.0%})"
+            f"{ev.holdout:.3f} on its holdout ({abs(decay):.0%} {'worse' if decay > 0 else 'better'}; tolerance "
+            f"{ev.tolerance:.0%} worse)"
         )
         (triggers if decay > ev.tolerance else seen).append(text)
     else:
