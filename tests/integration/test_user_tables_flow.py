@@ -68,7 +68,8 @@ def test_penguins_as_multiclass_through_the_train_flow(flow_env, model_name, pen
     metrics = result["metrics"]
     assert {"accuracy", "f1_macro", "f1_weighted"} <= set(metrics) and metrics["f1_macro"] > 0.9
     assert {f"{m}_{s.lower()}" for s in SPECIES for m in ("precision", "recall")} <= set(metrics)
-    reasons = result["gate"]["reasons"]
+    split, *reasons = result["gate"]["reasons"]  # the first reason states the split
+    assert split.startswith("random holdout of ") and "no event time" in split, split
     assert reasons[0].startswith(f"f1_macro {metrics['f1_macro']:.4f} vs majority class baseline")
     assert "(margin +0.02) ok" in reasons[0]
     assert f"f1_macro {metrics['f1_macro']:.4f} >= 0.5 ok" in reasons
