@@ -79,6 +79,7 @@ class Stack:
     _policies: dict[str, RestartPolicy] = field(default_factory=dict)
     _health: dict[str, HealthCount] = field(default_factory=dict)
     _pending: dict[str, float] = field(default_factory=dict)  # name → when to try restarting it
+    _held: dict[str, str] = field(default_factory=dict)  # name → the dead server it waits for (RECONNECT_AFTER)
     _trees: dict[str, dict[int, int]] = field(default_factory=dict)  # name → its process tree at the last check
     gave_up: dict[str, str] = field(default_factory=dict)  # name → why
 
@@ -390,6 +391,22 @@ class Stack:
         reaper.signal_tree(reaper.alive_in(self._trees.pop(name, {})), signal.SIGKILL)
         self._untrack(mp)
         self._schedule(name)
+        for dependent in RECONNECT_AFTER.get(name, ()):
+            self._hold(dependent, name)
+
+    def _hold(self, name: str, server: str) -> None:
+        """Stop `name` as soon as `server` dies, not once it is back: a run the old process started on the returning
+        server would be cut short by the restart (seen: a deploy-model run ended in "interpreter shutdown" and its
+        failure moved the alias back). `_reconnect` starts it again after `server` restarted."""
+        old = self.children.pop(name, None)
+        if old is None or name in self.gave_up:
+            return
+        self.say(f"{name} (pid {old.pid}) was connected to the {server} that died: stopped until {server} is back")
+        old.stop()
+        reaper.signal_tree(reaper.alive_in(self._trees.pop(name, {})), signal.SIGKILL)
+        self._untrack(old)
+        self._held[name] = server
+        self._write_stack_file()
 
     def _schedule(self, name: str) -> None:
         s = self.settings
@@ -443,13 +460,8 @@ class Stack:
 
     def _reconnect(self, name: str, server: str) -> None:
         """Start `name` again on the restarted `server` (not counted against its restart limit: it did not die)."""
-        old = self.children.get(name)
-        if old is None or name in self._pending or name in self.gave_up or self._stopping.is_set():
+        if self._held.pop(name, None) is None or self._stopping.is_set():
             return
-        self.say(f"{name} (pid {old.pid}) was connected to the {server} that died: starting it again")
-        old.stop()
-        reaper.signal_tree(reaper.alive_in(self._trees.pop(name, {})), signal.SIGKILL)
-        self._untrack(old)
         try:
             mp = self.starters()[name]()
         except ServerStartError as exc:

@@ -46,8 +46,9 @@ def stack_with(tmp_path, monkeypatch) -> tuple[Stack, dict[str, list[FakeChild]]
 
         return start
 
-    monkeypatch.setattr(Stack, "starters", lambda self: {n: starter(n) for n in self.children})
-    for name in ("mlflow", "prefect", "model-server", "deployments"):
+    names = ("mlflow", "prefect", "model-server", "deployments")
+    monkeypatch.setattr(Stack, "starters", lambda self: {n: starter(n) for n in names})
+    for name in names:
         st.children[name] = FakeChild(name, next(pids))
     return st, started
 
@@ -66,8 +67,11 @@ def test_a_restarted_prefect_gets_the_deployments_process_started_again_once(tmp
     assert old_deployments.stopped and [c.pid for c in started["deployments"]] == [st.children["deployments"].pid]
     assert st.children["model-server"] is old_server and not old_server.stopped
     text = log(st)
-    assert f"deployments (pid {old_deployments.pid}) was connected to the prefect that died" in text
-    assert "deployments (pid" in text and "exited with code" not in text.split("prefect restarted")[1]
+    # Stopped as soon as Prefect died (not once it was back, mid-run), started again once it is back.
+    assert f"deployments (pid {old_deployments.pid}) was connected to the prefect that died: stopped" in text
+    assert text.index("was connected to the prefect that died") < text.index("prefect restarted")
+    assert "deployments restarted" in text.split("prefect restarted")[1]
+    assert "exited with code" not in text.split("prefect restarted")[1]
     assert "deployments" not in st._policies  # not counted against its restart limit
     st.check_once()
     assert len(started["deployments"]) == 1
