@@ -6,7 +6,6 @@ no server). The registry is a real MLflow one (SQLite in tmp) with two versions 
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 
@@ -14,6 +13,7 @@ import httpx
 import pandas as pd
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from serving_models import expected, records_json, register_two_versions, wait_until
 from starlette.testclient import TestClient
 
 from flywheel.serving.app import create_app
@@ -24,7 +24,6 @@ pytestmark = pytest.mark.integration
 MODEL = "flights-serving-live-test"
 ADMIN = "admin-secret"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
-FEATURES = ["hour", "distance", "carrier", "origin"]
 
 
 @pytest.fixture(scope="module")
@@ -40,40 +39,7 @@ def january():
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory, january):
     """Two registered versions of a ColumnTransformer(OneHotEncoder) + LogisticRegression pipeline."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    import mlflow
-    from mlflow.models import infer_signature
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-    from sklearn.compose import ColumnTransformer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import OneHotEncoder, StandardScaler
-
-    root = tmp_path_factory.mktemp("model-server")
-    uri = f"sqlite:///{root}/mlflow.db"
-    X, y = january[FEATURES], january["late"]
-    with _use_tracking_uri(uri):
-        exp = mlflow.create_experiment("serving-test", artifact_location=str(root / "artifacts"))
-        for params in ({"C": 1.0}, {"C": 0.01, "class_weight": "balanced"}):
-            pre = ColumnTransformer(
-                [
-                    ("num", StandardScaler(), ["hour", "distance"]),
-                    ("cat", OneHotEncoder(handle_unknown="ignore"), ["carrier", "origin"]),
-                ]
-            )
-            model = Pipeline([("pre", pre), ("clf", LogisticRegression(max_iter=300, **params))]).fit(X, y)
-            with mlflow.start_run(experiment_id=exp):
-                mlflow.sklearn.log_model(
-                    model,
-                    name="model",
-                    registered_model_name=MODEL,
-                    signature=infer_signature(X, y),
-                    input_example=X.head(3),
-                    pip_requirements=["scikit-learn"],
-                    serialization_format="cloudpickle",
-                )
-        models = {v: mlflow.pyfunc.load_model(f"models:/{MODEL}/{v}") for v in ("1", "2")}
-        yield {"uri": uri, "root": root, "models": models}
+    return register_two_versions(tmp_path_factory.mktemp("model-server"), january, MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -82,24 +48,6 @@ def rows(january) -> pd.DataFrame:
     return january.sample(n=40, random_state=7).reset_index(drop=True)
 
 
-def expected(registry, frame: pd.DataFrame, version: str = "1") -> list:
-    return registry["models"][version].predict(frame).tolist()
-
-
-def wait_until(cond, timeout: float = 30.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
-
-
-def records_json(frame: pd.DataFrame) -> list[dict]:
-    return json.loads(frame.to_json(orient="records", date_format="iso"))
-
-
-# --------------------------------------------------------------------------------------------------- real server
 def test_swap_under_load_on_a_real_server_has_zero_failures(registry, rows):
     import uvicorn
 
@@ -170,8 +118,6 @@ def _ping(base: str) -> int:
         return httpx.get(base + "/ping", timeout=2).status_code
     except httpx.HTTPError:
         return 0
-
-
 
 
 def test_request_log_on_s3_round_trips(s3_server):

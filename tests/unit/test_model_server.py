@@ -8,13 +8,12 @@ tests/integration/test_model_server_live.py.
 from __future__ import annotations
 
 import json
-import os
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from serving_models import expected, records_json, register_two_versions, wait_until
 from starlette.testclient import TestClient
 
 from flywheel.serving.__main__ import _parser
@@ -24,66 +23,19 @@ from flywheel.tasks.request_log import read_request_log
 MODEL = "flights-serving-test"
 ADMIN = "admin-secret"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
-FEATURES = ["hour", "distance", "carrier", "origin"]
 
 
 # --------------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory, january):
     """Two registered versions of a ColumnTransformer(OneHotEncoder) + LogisticRegression pipeline."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    import mlflow
-    from mlflow.models import infer_signature
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-    from sklearn.compose import ColumnTransformer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import OneHotEncoder, StandardScaler
-
-    root = tmp_path_factory.mktemp("model-server")
-    uri = f"sqlite:///{root}/mlflow.db"
-    X, y = january[FEATURES], january["late"]
-    with _use_tracking_uri(uri):
-        exp = mlflow.create_experiment("serving-test", artifact_location=str(root / "artifacts"))
-        for params in ({"C": 1.0}, {"C": 0.01, "class_weight": "balanced"}):
-            pre = ColumnTransformer(
-                [
-                    ("num", StandardScaler(), ["hour", "distance"]),
-                    ("cat", OneHotEncoder(handle_unknown="ignore"), ["carrier", "origin"]),
-                ]
-            )
-            model = Pipeline([("pre", pre), ("clf", LogisticRegression(max_iter=300, **params))]).fit(X, y)
-            with mlflow.start_run(experiment_id=exp):
-                mlflow.sklearn.log_model(
-                    model,
-                    name="model",
-                    registered_model_name=MODEL,
-                    signature=infer_signature(X, y),
-                    input_example=X.head(3),
-                    pip_requirements=["scikit-learn"],
-                    serialization_format="cloudpickle",
-                )
-        models = {v: mlflow.pyfunc.load_model(f"models:/{MODEL}/{v}") for v in ("1", "2")}
-        yield {"uri": uri, "root": root, "models": models}
+    return register_two_versions(tmp_path_factory.mktemp("model-server"), january, MODEL)
 
 
 @pytest.fixture(scope="module")
 def rows(january) -> pd.DataFrame:
     """Rows as clients send them: the features plus columns the model ignores (event time, target, weather)."""
     return january.sample(n=40, random_state=7).reset_index(drop=True)
-
-
-def expected(registry, frame: pd.DataFrame, version: str = "1") -> list:
-    return registry["models"][version].predict(frame).tolist()
-
-
-def wait_until(cond, timeout: float = 30.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +49,6 @@ def served(registry, tmp_path_factory):
     with TestClient(app) as client:
         wait_until(lambda: client.get("/ping").status_code == 200)
         yield client, app, log_dir
-
-
-def records_json(frame: pd.DataFrame) -> list[dict]:
-    return json.loads(frame.to_json(orient="records", date_format="iso"))
 
 
 # --------------------------------------------------------------------------------------------------- scoring

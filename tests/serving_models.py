@@ -1,0 +1,68 @@
+"""Shared by the model server's tests (tests/unit/test_model_server.py, in-process, and
+tests/integration/test_model_server_live.py, on real sockets): a real MLflow registry (SQLite in tmp) with two
+versions of a small flights classifier, and small helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+
+FEATURES = ["hour", "distance", "carrier", "origin"]
+
+
+def register_two_versions(root: Path, january: pd.DataFrame, model_name: str) -> dict:
+    """Two registered versions of a ColumnTransformer(OneHotEncoder) + LogisticRegression pipeline, loaded."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+    from mlflow.models import infer_signature
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    X, y = january[FEATURES], january["late"]
+    with _use_tracking_uri(uri):
+        exp = mlflow.create_experiment("serving-test", artifact_location=str(root / "artifacts"))
+        for params in ({"C": 1.0}, {"C": 0.01, "class_weight": "balanced"}):
+            pre = ColumnTransformer(
+                [
+                    ("num", StandardScaler(), ["hour", "distance"]),
+                    ("cat", OneHotEncoder(handle_unknown="ignore"), ["carrier", "origin"]),
+                ]
+            )
+            model = Pipeline([("pre", pre), ("clf", LogisticRegression(max_iter=300, **params))]).fit(X, y)
+            with mlflow.start_run(experiment_id=exp):
+                mlflow.sklearn.log_model(
+                    model,
+                    name="model",
+                    registered_model_name=model_name,
+                    signature=infer_signature(X, y),
+                    input_example=X.head(3),
+                    pip_requirements=["scikit-learn"],
+                    serialization_format="cloudpickle",
+                )
+        models = {v: mlflow.pyfunc.load_model(f"models:/{model_name}/{v}") for v in ("1", "2")}
+        return {"uri": uri, "root": root, "models": models}
+
+
+def expected(registry, frame: pd.DataFrame, version: str = "1") -> list:
+    return registry["models"][version].predict(frame).tolist()
+
+
+def wait_until(cond, timeout: float = 30.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+def records_json(frame: pd.DataFrame) -> list[dict]:
+    return json.loads(frame.to_json(orient="records", date_format="iso"))
