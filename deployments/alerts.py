@@ -15,12 +15,15 @@ FLOWS = ("train", "deploy-model", "rollback", "reconcile", "check-drift")
 
 
 def automation_specs() -> list[dict]:
-    """Name, trigger and message of each alert (Jinja over the triggering event, as Prefect renders it)."""
+    """Name (after the event it watches: the UI calls any event trigger "A custom trigger"), description naming
+    that event, trigger and message of each alert (Jinja over the triggering event, as Prefect renders it)."""
     from prefect.events.schemas.automations import EventTrigger, Posture
 
     return [
         {
             "name": "flywheel: run failed",
+            "description": f"On a Flywheel flow run ({', '.join(FLOWS)}) that ends Failed or Crashed (events "
+            "prefect.flow-run.Failed, prefect.flow-run.Crashed): a message to the alert webhook.",
             "trigger": EventTrigger(
                 expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
                 match={"prefect.resource.id": "prefect.flow-run.*"},
@@ -34,6 +37,8 @@ def automation_specs() -> list[dict]:
         },
         {
             "name": "flywheel: deployment rolled back",
+            "description": f"On a deployment that was rolled back or not switched to (event {ROLLED_BACK_EVENT}): "
+            "a message to the alert webhook.",
             "trigger": EventTrigger(
                 expect={ROLLED_BACK_EVENT},
                 match={"prefect.resource.id": "flywheel.model.*"},
@@ -46,6 +51,8 @@ def automation_specs() -> list[dict]:
         },
         {
             "name": "flywheel: data drift",
+            "description": f"On a drift check that found dataset drift (event {DRIFT_CHECKED_EVENT} with "
+            "flywheel.dataset_drift=true): a message to the alert webhook.",
             "trigger": EventTrigger(
                 expect={DRIFT_CHECKED_EVENT},
                 match={"prefect.resource.id": "flywheel.model.*", "flywheel.dataset_drift": "true"},
@@ -74,7 +81,7 @@ def ensure_alerts(webhook_url: str) -> list[str]:
         _recreate(
             Automation(
                 name=spec["name"],
-                description="Flywheel alert (deployments/alerts.py)",
+                description=spec["description"],
                 trigger=spec["trigger"],
                 actions=[SendNotification(block_document_id=block_id, subject=spec["subject"], body=spec["body"])],
             )
@@ -102,7 +109,8 @@ def ensure_zombie_detection(within_seconds: float = 90) -> str:
     _recreate(
         Automation(
             name=ZOMBIE_AUTOMATION,
-            description="Marks flow runs Crashed when their heartbeats stop (deployments/alerts.py)",
+            description=f"On a flow run whose heartbeats (event prefect.flow-run.heartbeat) stop for "
+            f"{within_seconds:.0f}s before it ends: marks it Crashed.",
             trigger=EventTrigger(
                 after={"prefect.flow-run.heartbeat"},
                 expect={

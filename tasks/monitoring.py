@@ -5,7 +5,6 @@ it schedules."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +17,12 @@ from flywheel.core.names import slug
 from flywheel.core.settings import get_settings
 from flywheel.core.spec import DatasetSpec
 from flywheel.core.timeutil import to_utc, utc_timestamp
-from flywheel.tasks import data, drift, drift_windows, events, registry, retrain_policy, runs
+from flywheel.tasks import data, drift, drift_windows, events, registry, retrain_policy, runs, tracking
 
 TAG_LAST_RETRAIN = "last_retrain_scheduled_event_time"
-TAG_LAST_DRIFT = "last_drift"
+TAG_LAST_DRIFT = "last_drift"  # a sentence a person reads in the registry UI
+TAG_LAST_DRIFT_JSON = "last_drift_json"  # the same verdict for code
+TAG_LIMIT = 4900  # characters; MLflow keeps at most 5000 in a tag value
 PREDICTION = "prediction"  # the request log's prediction column (flywheel.tasks.request_log)
 _EVENT_TIME = "%Y-%m-%dT%H:%M:%S"
 
@@ -82,12 +83,13 @@ def no_reference(mlflow_client, name: str, champion: str, lo, hi, rows: int) -> 
         f"{get_settings().drift_min_rows} rows before {lo}; it is compared with its own served rows once it has"
     )
     summary = {
-        "model_name": name, "champion": champion, "window": [str(lo), str(hi)], "dataset_drift": False,
-        "drift_share": None, "rows": rows, "retrain": False, "reasons": [why], "report": None, "quality": None,
-        "quality_decay": None,
+        "checked": False, "model_name": name, "champion": champion, "window": [str(lo), str(hi)],
+        "dataset_drift": False, "drift_share": None, "rows": rows, "retrain": False, "reasons": [why], "report": None,
+        "quality": None, "quality_decay": None,
     }  # fmt: skip
     record_verdict(mlflow_client, name, summary)
-    create_markdown_artifact(key=f"drift-{slug(name)}", markdown=f"# Data drift: not checked\n\n{why}",
+    markdown = f"# Data drift: not checked\n\n**Window (event time):** [{lo}, {hi}), {rows:,} rows.\n\n{why}"
+    create_markdown_artifact(key=f"drift-{slug(name)}", markdown=markdown,
                              description=f"Drift check of {name} v{champion}")  # fmt: skip
     return summary
 
@@ -191,26 +193,50 @@ def measure_drift(
     )  # fmt: skip
 
 
+MONITORING = tracking.ExperimentLook(
+    note="Drift checks of Flywheel's `check-drift` flow. Each run is one check of a champion: the window it "
+    "checked (`window_start`, `window_end`, event time), the drift share, how many columns drifted and how many "
+    "rows it compared; its artifacts hold Evidently's HTML report (`drift/drift_report.html`) and the summary.",
+    link_text="Open the drift checks",
+    view_key="flywheel-monitoring",
+    columns=("tags.`flywheel.model_version`", "params.`window_start`", "params.`window_end`", "metrics.`drift_share`",
+             "metrics.`n_drifted`", "metrics.`rows`"),
+)  # fmt: skip
+REPORT_ARTIFACT = "drift/drift_report.html"
+
+
+def monitoring_experiment() -> str:
+    return f"{get_settings().experiment_name}-monitoring"
+
+
 @task(name="log-drift-report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 5])
 def log_report(result, html_path: str, model_name: str, version: str, lo, hi) -> str:
-    """A monitoring run in MLflow, linked to the champion version, holding the Evidently HTML report."""
-    import mlflow
-
-    mlflow.set_experiment(f"{get_settings().experiment_name}-monitoring")
-    with mlflow.start_run(
-        run_name=f"drift-{model_name}-v{version}-{lo:%Y%m%d}",
-        tags={"flywheel.model_name": model_name, "flywheel.model_version": str(version), "flywheel.kind": "drift"},
-    ) as run:
-        mlflow.log_metrics({"drift_share": result.drift_share, "n_drifted": result.n_drifted})
-        mlflow.log_params({"window_start": str(lo), "window_end": str(hi), "sampled": result.sampled})
-        mlflow.log_artifact(html_path, artifact_path="drift")
-        mlflow.log_dict(result.as_dict(), "drift/summary.json")
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    return (
-        f"{uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
-        if uri.startswith("http")
-        else run.info.run_id
-    )
+    """A monitoring run in MLflow, linked to the champion version, holding the Evidently HTML report, in the
+    monitoring experiment (opened like the training one: model-training mode, a description, a saved view). The
+    report's page in the MLflow UI, relative to the UI (true on any host and port)."""
+    mlflow_client = registry.client()
+    experiment_id = tracking.ensure_experiment(mlflow_client, monitoring_experiment(), MONITORING)
+    tags = {"flywheel.model_name": model_name, "flywheel.model_version": str(version), "flywheel.kind": "drift"}
+    run_id = tracking.start_run(mlflow_client, experiment_id, f"drift-{model_name}-v{version}-{lo:%Y%m%d}", tags,
+                                source="flows/check_drift.py")  # fmt: skip
+    page = tracking.run_page(experiment_id, run_id, REPORT_ARTIFACT)
+    found = "dataset drift" if result.dataset_drift else "no dataset drift"
+    note = (f"Drift check of **{model_name} v{version}** over [{lo}, {hi}) (event time): {found}, "
+            f"{result.n_drifted} of {result.n_columns} columns drifted (share {result.drift_share:.0%}), "
+            f"{result.rows_current:,} rows. [Evidently report]({page})")  # fmt: skip
+    try:
+        tracking.log_run_data(
+            mlflow_client, run_id, params={"window_start": str(lo), "window_end": str(hi), "sampled": result.sampled},
+            metrics={"drift_share": result.drift_share, "n_drifted": result.n_drifted, "rows": result.rows_current},
+            tags={tracking.TAG_NOTE: note},
+        )  # fmt: skip
+        mlflow_client.log_artifact(run_id, html_path, artifact_path="drift")
+        mlflow_client.log_dict(run_id, result.as_dict(), "drift/summary.json")
+    except BaseException:
+        tracking.end_run(mlflow_client, run_id, "FAILED")
+        raise
+    tracking.end_run(mlflow_client, run_id)
+    return page
 
 
 def label_evidence(mlflow_client, name: str, spec: DatasetSpec, champion, labelled: pd.DataFrame):
@@ -282,7 +308,7 @@ class Retraining:
 def schedule_retraining(
     mlflow_client, name: str, result: drift.DriftResult, hi: pd.Timestamp, send: Callable[..., object] | None = None,
     spec: DatasetSpec | None = None,
-) -> Retraining:
+) -> Retraining:  # fmt: skip
     """Send the drift event that retrains on the spec's `retrain_window` (FLYWHEEL_RETRAIN_WINDOW_DAYS without one)
     before `hi`, then start the cooldown (`send` is `events.request_retraining` unless given).
 
@@ -327,9 +353,57 @@ def verdict(
     }  # fmt: skip
 
 
+def drift_sentence(summary: dict) -> str:
+    """One line a person reads for a verdict (`verdict` or `no_reference`): what was found, over which window,
+    against which champion, and whether retraining was scheduled and why."""
+    found = {True: "dataset drift", False: "no dataset drift"}.get(summary.get("dataset_drift"), "no verdict")
+    if summary.get("checked") is False:
+        found = "not checked"
+    parts = [found]
+    window = summary.get("window")
+    if isinstance(window, list | tuple) and len(window) == 2:
+        parts.append(f"over [{window[0]}, {window[1]})")
+    if summary.get("rows") is not None:
+        rows = summary["rows"]
+        parts.append(f"on {rows:,} rows" if isinstance(rows, int) else f"on {rows} rows")
+    if summary.get("champion"):
+        parts.append(f"against champion v{summary['champion']}")
+    text = " ".join(parts)
+    share = summary.get("drift_share")
+    if isinstance(share, int | float):
+        text += f" (drift share {share:.0%})"
+    if summary.get("signal") and summary["signal"] != retrain_policy.SIGNAL_NONE:
+        text += f"; decided by {summary['signal']}"
+    retrain = "retraining scheduled" if summary.get("retrain") else "no retraining"
+    reasons = "; ".join(str(r) for r in summary.get("reasons") or [])
+    return f"{text}; {retrain}" + (f" — {reasons}" if reasons else "")
+
+
+def verdict_json(summary: dict) -> str:
+    """The verdict as JSON that fits a tag whole (valid JSON, not cut mid-way): the label evidence, the quality
+    figures and then the reasons give way first when it is too long."""
+    fitted = dict(summary)
+    text = json.dumps(fitted, ensure_ascii=False, default=str)
+    for key in ("labels", "quality", "reasons"):
+        if len(text) <= TAG_LIMIT:
+            break
+        fitted[key] = None if key != "reasons" else [_clip(r, 300) for r in (fitted.get(key) or [])][:5]
+        text = json.dumps(fitted, ensure_ascii=False, default=str)
+    return text if len(text) <= TAG_LIMIT else json.dumps({k: fitted.get(k) for k in (
+        "model_name", "champion", "window", "dataset_drift", "drift_share", "rows", "retrain", "report", "signal")},
+        ensure_ascii=False, default=str)  # fmt: skip
+
+
+def _clip(text, width: int) -> str:
+    text = str(text)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def record_verdict(mlflow_client, name: str, summary: dict) -> None:
-    """The verdict as the registered model's `last_drift` tag (what `flywheel status` shows)."""
-    mlflow_client.set_registered_model_tag(name, TAG_LAST_DRIFT, json.dumps(summary)[:4900])
+    """The verdict on the registered model: `last_drift` a sentence (what the registry UI and `flywheel status`
+    show), `last_drift_json` the same verdict for code."""
+    mlflow_client.set_registered_model_tag(name, TAG_LAST_DRIFT_JSON, verdict_json(summary))
+    mlflow_client.set_registered_model_tag(name, TAG_LAST_DRIFT, _clip(drift_sentence(summary), TAG_LIMIT))
 
 
 def publish_verdict(
@@ -341,9 +415,11 @@ def publish_verdict(
     from prefect.artifacts import create_markdown_artifact
 
     decided = f" (decided by {signal})" if signal else ""
+    report = (f"\n\n**Evidently report:** the monitoring run's `{REPORT_ARTIFACT}` in MLflow experiment "
+              f"`{monitoring_experiment()}`, at `{link}` in the MLflow UI" if link else "")  # fmt: skip
+    found = drift.drift_markdown(result, None, window=window, reference=f"champion v{champion}'s reference")
     create_markdown_artifact(
         key=f"drift-{slug(name)}",
-        markdown=drift.drift_markdown(result, link, window=window, reference=f"champion v{champion}'s reference")
-        + f"\n\n**Retrain{decided}:** " + "; ".join(reasons),
+        markdown=f"{found}\n\n**Retrain{decided}:** " + "; ".join(reasons) + report,
         description=f"Drift check of {name} v{champion}",
     )

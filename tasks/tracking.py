@@ -1,4 +1,4 @@
-"""MLflow tracking: the training experiment (opened in the UI's model-training mode, with its description), the
+"""MLflow tracking: Flywheel's experiments (opened in the UI's model-training mode, with their descriptions), the
 train flow's parent run and the nested runs under it, and what the parent run shows a person once it closes."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import task
@@ -21,14 +22,13 @@ TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 KIND_MODEL_TRAINING = "custom_model_development"
 TAG_NOTE = "mlflow.note.content"  # an experiment's or run's description in the UI (markdown)
 TAG_SOURCE_NAME, TAG_SOURCE_TYPE = "mlflow.source.name", "mlflow.source.type"
-SOURCE_TAGS = {TAG_SOURCE_NAME: "flows/train.py", TAG_SOURCE_TYPE: "JOB"}  # a relative name, not this machine's path
+TRAIN_SOURCE = "flows/train.py"  # a run's source: a relative name, not this machine's path
 
-# A saved runs-table view (MLflow's "shared view": the UI loads it from this experiment tag for a page opened with
-# `viewStateShareKey=<key>`): the winners' holdout metrics, row count, data window and registered version as columns,
-# so a training's F1 is on its row without choosing columns or expanding nested runs. Metrics of every task.
+# A saved runs-table view (MLflow's "shared view": the UI loads it from the experiment tag
+# `mlflow.sharedViewState.<key>` for a page opened with `viewStateShareKey=<key>`): the columns a person reads on each
+# top-level row, so a training's F1 is on its row without choosing columns or expanding nested runs.
 VIEW_KEY = "flywheel-training"
-TAG_SHARED_VIEW = f"mlflow.sharedViewState.{VIEW_KEY}"
-VIEW_METRICS = ("f1", "roc_auc", "f1_macro", "rmse", "r2")
+VIEW_METRICS = ("f1", "roc_auc", "f1_macro", "rmse", "r2")  # metrics of every task
 VIEW_COLUMNS = (
     "attributes.`Source`", *(f"metrics.`holdout_{m}`" for m in VIEW_METRICS),
     "metrics.`rows`", "params.`data_window`", "tags.`flywheel.registered_version`",
@@ -41,23 +41,44 @@ EXPERIMENT_NOTE = (
 )
 
 
-def runs_page(experiment_id: str) -> str:
-    """The experiment's runs table in the MLflow UI's model-training mode with Flywheel's view, relative to the UI.
+@dataclass(frozen=True)
+class ExperimentLook:
+    """How an experiment of Flywheel opens in the MLflow UI: its description, the link text to its runs table,
+    and that table's saved view (`view_key`, `columns`)."""
+
+    note: str
+    link_text: str
+    view_key: str
+    columns: tuple[str, ...]
+
+
+TRAINING = ExperimentLook(EXPERIMENT_NOTE, "Open the training runs with their metrics", VIEW_KEY, VIEW_COLUMNS)
+
+
+def runs_page(experiment_id: str, view_key: str = VIEW_KEY) -> str:
+    """The experiment's runs table in the MLflow UI's model-training mode with a saved view, relative to the UI.
     MLflow 3.17's UI picks GenAI or model-training mode from a global toggle (GenAI by default) or this page's
     `workflowType`, not from the experiment's kind tag, so links to it carry the mode."""
-    return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+    return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={view_key}"
 
 
-def experiment_tags(experiment_id: str, description: str = EXPERIMENT_NOTE) -> dict[str, str]:
-    note = f"{description}\n\n[Open the training runs with their metrics]({runs_page(experiment_id)})"
-    view = json.dumps({"selectedColumns": list(VIEW_COLUMNS)})
-    return {TAG_EXPERIMENT_KIND: KIND_MODEL_TRAINING, TAG_NOTE: note, TAG_SHARED_VIEW: view}
+def run_page(experiment_id: str, run_id: str, artifact: str | None = None) -> str:
+    """A run's page in the MLflow UI (opened on `artifact`, a path in its artifacts, when given), relative to the
+    UI: true on any host and port."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{page}/artifacts/{artifact}" if artifact else page
 
 
-def ensure_experiment(mlflow_client, name: str, description: str = EXPERIMENT_NOTE) -> str:
+def experiment_tags(experiment_id: str, look: ExperimentLook = TRAINING) -> dict[str, str]:
+    note = f"{look.note}\n\n[{look.link_text}]({runs_page(experiment_id, look.view_key)})"
+    view = json.dumps({"selectedColumns": list(look.columns)})
+    return {TAG_EXPERIMENT_KIND: KIND_MODEL_TRAINING, TAG_NOTE: note, f"mlflow.sharedViewState.{look.view_key}": view}
+
+
+def ensure_experiment(mlflow_client, name: str, look: ExperimentLook = TRAINING) -> str:
     """The id of the named experiment, created if missing (safe when two flows create it at once), tagged as a
-    model-training experiment with a description; an existing experiment gets the tags it lacks (a description a
-    person wrote is kept)."""
+    model-training experiment with `look`'s description and saved view; an existing experiment gets the tags it
+    lacks (a description a person wrote is kept)."""
     from mlflow.exceptions import MlflowException
 
     found = mlflow_client.get_experiment_by_name(name)
@@ -68,7 +89,7 @@ def ensure_experiment(mlflow_client, name: str, description: str = EXPERIMENT_NO
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
                 raise
         found = mlflow_client.get_experiment_by_name(name)
-    wanted = experiment_tags(found.experiment_id, description)
+    wanted = experiment_tags(found.experiment_id, look)
     have = found.tags or {}
     for key, value in wanted.items():
         if have.get(key) != value and not (key == TAG_NOTE and have.get(key)):
@@ -77,14 +98,15 @@ def ensure_experiment(mlflow_client, name: str, description: str = EXPERIMENT_NO
 
 
 def start_run(
-    mlflow_client, experiment_id: str, run_name: str, tags: dict[str, Any], parent_run_id: str | None = None
-) -> str:
-    """Create a RUNNING run; with `parent_run_id` it is nested under that run (the `mlflow.parentRunId` tag that
-    `mlflow.start_run(nested=True)` sets). The client API keeps no active-run state, so threads and Dask workers
-    can each open their own nested run under one parent."""
+    mlflow_client, experiment_id: str, run_name: str, tags: dict[str, Any], parent_run_id: str | None = None,
+    source: str = TRAIN_SOURCE,
+) -> str:  # fmt: skip
+    """Create a RUNNING run from the flow file `source` (relative to the repository); with `parent_run_id` it is
+    nested under that run (the `mlflow.parentRunId` tag that `mlflow.start_run(nested=True)` sets). The client API
+    keeps no active-run state, so threads and Dask workers can each open their own nested run under one parent."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    run_tags = {**SOURCE_TAGS, **{k: str(v) for k, v in tags.items()}}
+    run_tags = {TAG_SOURCE_NAME: source, TAG_SOURCE_TYPE: "JOB", **{k: str(v) for k, v in tags.items()}}
     if parent_run_id:
         run_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
     return mlflow_client.create_run(experiment_id, tags=run_tags, run_name=run_name).info.run_id

@@ -1,8 +1,8 @@
 """`flywheel status`: what runs, where, and what each model serves, as tables a person reads (no raw JSON).
 
 `gather` collects plain data (stack file, process liveness, the registry's aliases and tags, what the model servers
-answer); `format_status` turns it into text. The registered-model tags `last_deployment` and `last_drift` may hold
-JSON (older ledgers) or readable text: both are shown as one readable line.
+answer); `format_status` turns it into text. The registered-model tags `last_deployment` and `last_drift` hold
+readable text (older registries: JSON, with `*_json` companions): either is shown as one readable line.
 """
 
 from __future__ import annotations
@@ -80,30 +80,16 @@ def describe_deployment(value: Any) -> str:
 
 
 def describe_drift(value: Any) -> str:
-    """One line for the `last_drift` tag: JSON of a verdict, or text already meant for people."""
+    """One line for the `last_drift` tag: text already meant for people (what the drift check writes), or JSON of a
+    verdict (an older registry's tag), read as the drift check reads its own verdicts."""
     if value in (None, ""):
         return "no check yet"
     verdict = _as_dict(value)
     if verdict is None:
         return _clip(str(value))
-    drift = verdict.get("dataset_drift")
-    parts = ["drift" if drift else "no drift" if drift is not None else "no verdict"]
-    if verdict.get("drift_share") is not None:
-        try:
-            parts.append(f"share {float(verdict['drift_share']):.2f}")
-        except (TypeError, ValueError):
-            pass
-    if verdict.get("rows") is not None:
-        parts.append(f"{verdict['rows']} rows")
-    window = verdict.get("window")
-    if isinstance(window, list | tuple) and len(window) == 2:
-        parts.append(f"window {window[0]} → {window[1]}")
-    if verdict.get("champion"):
-        parts.append(f"champion v{verdict['champion']}")
-    text = ", ".join(parts)
-    if "retrain" in verdict:
-        text += "; retrain: " + ("yes" if verdict["retrain"] else "no")
-    return _clip(text)
+    from flywheel.tasks.monitoring import drift_sentence
+
+    return _clip(drift_sentence(verdict))
 
 
 def format_status(data: dict) -> str:

@@ -3,9 +3,10 @@ Python client), against one real `flywheel up` stack after one short training an
 
 It checks that the Prefect deployments page lists every deployment with its schedule or trigger, that the train
 run's `gate-*` artifact shows the verdict, that the registered model's page shows `@champion` and `@challenger`,
-that the training run shows F1 in the experiment's runs table (nested runs folded) and that the drift check's
-Evidently report opens. Each page's screenshot goes to the test's tmp folder. Both UIs are single-page apps: every
-wait is for a positive selector or text, never a sleep.
+that the training run shows F1 in the experiment's runs table (nested runs folded), that the monitoring experiment
+opens in the same model-training mode and that the drift check's Evidently report opens from the verdict's link.
+Each page's screenshot goes to the test's tmp folder. Both UIs are single-page apps: every wait is for a positive
+selector or text, never a sleep.
 
 Under CI=true a missing browser or client fails, naming what to install (`make browser`); elsewhere it skips.
 """
@@ -172,6 +173,19 @@ def test_the_gate_artifact_shows_the_verdict(ui_stack, page):
     page.shot("prefect-gate-artifact")
 
 
+def test_the_drift_artifact_states_its_window_and_names_the_report(ui_stack, page):
+    urls, _, model = ui_stack
+    [artifact] = _api(urls, "/artifacts/filter", {"artifacts": {"key": {"any_": [f"drift-{model}"]}}})
+    page.goto(_prefect(urls) + "/artifacts")
+    page.get_by_text(f"drift-{model}", exact=True).first.click()
+    page.get_by_role("link", name=artifact["id"][:8]).click()
+    _see(page, re.compile("^Data drift: "))
+    _see(page, "Window (event time):")
+    _see(page, "Evidently report:")
+    assert "http://" not in artifact["data"]  # no host or port of this machine
+    page.shot("prefect-drift-artifact")
+
+
 # ------------------------------------------------------------------------------------------------------ MLflow
 def test_the_registered_model_page_shows_champion_and_challenger(ui_stack, page):
     urls, _, model = ui_stack
@@ -217,15 +231,35 @@ def test_the_training_run_shows_f1_in_the_runs_table(ui_stack, page):
     page.shot("mlflow-training-run")
 
 
-def test_the_evidently_report_opens(ui_stack, page):
+def test_the_monitoring_experiment_and_the_evidently_report_open(ui_stack, page):
+    """The monitoring experiment opens in model-training mode with its saved view (the drift run on a row, its
+    window and drift share), and the report page the verdict names (relative to the MLflow UI) shows Evidently's
+    report; the registered model's `last_drift` reads as a sentence."""
+    import json
+
     from mlflow import MlflowClient
+
+    from flywheel.tasks import monitoring, tracking
 
     urls, _, model = ui_stack
     client = MlflowClient(urls["mlflow_url"])
     experiment = client.get_experiment_by_name("flywheel-monitoring")
+    assert experiment.tags[tracking.TAG_EXPERIMENT_KIND] == tracking.KIND_MODEL_TRAINING
     [run] = client.search_runs([experiment.experiment_id], f"tags.`flywheel.model_name` = '{model}'")
-    exp_id, run_id = experiment.experiment_id, run.info.run_id
-    page.goto(f"{_mlflow(urls)}/#/experiments/{exp_id}/runs/{run_id}/artifacts/drift/drift_report.html")
+    page.goto(f"{_mlflow(urls)}/{tracking.runs_page(experiment.experiment_id, monitoring.MONITORING.view_key)}")
+    _see(page, "Model registry")  # the model-training sidebar, not GenAI's
+    page.set_viewport_size({"width": 2560, "height": 1000})
+    named = page.get_by_role("row").filter(has=page.get_by_text(run.info.run_name, exact=True)).first
+    named.wait_for()
+    _see(page, "drift_share")
+    parts = page.locator(f'[role="row"][row-index="{named.get_attribute("row-index")}"]')
+    parts.filter(has_text=run.data.params["window_start"][:10]).first.wait_for()  # the window it checked, on its row
+    page.shot("mlflow-monitoring-runs")
+
+    tags = client.get_registered_model(model).tags
+    verdict = json.loads(tags["last_drift_json"])
+    assert verdict["report"].startswith("#/experiments/") and "{" not in tags["last_drift"], tags["last_drift"]
+    page.goto(f"{_mlflow(urls)}/{verdict['report']}")
     _see(page, "drift_report.html")
     _see(page.frame_locator("iframe").first, "Dataset Drift")
     page.shot("mlflow-evidently-report")

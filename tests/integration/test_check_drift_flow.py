@@ -117,7 +117,7 @@ def test_july_drifts_and_schedules_retraining_once(drift_env, model_name):
     assert events[0]["payload"]["start"] == "2013-05-01T00:00:00" and events[0]["payload"]["model_name"] == model_name
 
     # The verdict is on the registered model, the Evidently report in a monitoring run linked to the champion.
-    verdict = json.loads(client.get_registered_model(model_name).tags["last_drift"])
+    verdict = json.loads(client.get_registered_model(model_name).tags["last_drift_json"])
     assert verdict["champion"] == "1" and verdict["retrain"]
     runs = client.search_runs(
         [client.get_experiment_by_name("flywheel-monitoring").experiment_id],

@@ -34,7 +34,10 @@ def test_json_tags_become_readable_lines():
     dep = describe_deployment(json.dumps(DEPLOYMENT))
     assert dep == "v3 serving (champion) at 2026-12-01T10:00:09+00:00 by event after v2"
     drift = describe_drift(json.dumps(DRIFT))
-    assert drift == "drift, share 0.62, 20000 rows, window 2013-03-01 → 2013-04-01, champion v3; retrain: yes"
+    assert drift == (
+        "dataset drift over [2013-03-01, 2013-04-01) on 20,000 rows against champion v3 (drift share 62%); "
+        "retraining scheduled — drift"
+    )
 
 
 def test_readable_text_tags_are_shown_as_they_are():
@@ -47,7 +50,7 @@ def test_broken_or_missing_tags_do_not_break_the_table():
     assert describe_deployment(None) == "none yet"
     assert describe_drift("") == "no check yet"
     assert describe_deployment("{not json") == "{not json"
-    assert describe_drift(json.dumps({"dataset_drift": None})) == "no verdict"
+    assert describe_drift(json.dumps({"dataset_drift": None})) == "no verdict; no retraining"
     assert len(describe_deployment("x" * 500)) == 400
 
 
@@ -62,7 +65,7 @@ def test_status_table_has_urls_models_and_no_json():
     dep = next(line for line in lines if "last deployment" in line)
     assert dep.startswith("flights-delay") and "v3 serving (champion)" in dep
     at = next(i for i, line in enumerate(lines) if "last drift check" in line)
-    assert "retrain: yes" in lines[at] + lines[at + 1]  # a long cell wraps within its column
+    assert "retraining scheduled" in lines[at] + lines[at + 1]  # a long cell wraps within its column
     assert lines[at + 1].startswith(" " * 30)
     assert max(len(line) for line in lines) <= 120, out  # fits a terminal
     assert "GAVE UP" in out
