@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from needs import missing
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -35,20 +36,14 @@ DRIFT_WINDOW = ("2013-01-08", "2013-01-15")  # inside the training window: a rep
 WAIT_MS = 60_000  # the longest a page may take to show what is waited for (a loaded 2-core machine)
 
 
-def _missing(what: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"browser tests need {what} (`make browser` installs it)")
-    pytest.skip(f"{what} is not installed (`make browser` installs it)")
-
-
 @pytest.fixture(scope="module")
 def playwright():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _missing("Playwright's Python client (`playwright`, in the test extra of pyproject.toml)")
+        missing("the browser tests need Playwright's Python client", "`playwright` (the test extra, `make install`)")
     if not CHROMIUM.exists():
-        _missing(f"Chromium at {CHROMIUM} (Debian: `apt-get install -y chromium`)")
+        missing(f"the browser tests need Chromium at {CHROMIUM}", "the Debian package `chromium` (`make browser`)")
     with sync_playwright() as p:
         yield p
 
