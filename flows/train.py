@@ -7,8 +7,10 @@ The steps are composed once, in `run_train`, from a table of step callables: the
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -17,23 +19,34 @@ from flywheel.core.settings import get_settings
 from flywheel.tasks import candidates, data, registry, tracking, training, training_run, validation
 from flywheel.tasks import gate as gating
 
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow.entities.model_registry import ModelVersion
+
+    from flywheel.core.spec import DatasetSpec
+    from flywheel.tasks.model_specs import ModelSpec
+
 
 @dataclass(frozen=True)
 class TrainSteps:
     """The units the train flow composes, as its Prefect tasks (the defaults) or plain functions."""
 
-    check_registry: Any = registry.check_registry
-    pull: Any = data.pull
-    validate: Any = validation.validate
-    hold_lineage: Any = training_run.lineage_held
-    find_existing: Any = registry.find_existing
-    split: Any = training.split
-    open_parent_run: Any = tracking.open_parent_run
-    close_run: Any = tracking.close_run
-    compete: Any = candidates.compete
-    log_and_register: Any = registry.log_and_register
-    gate: Any = gating.gate
-    promote: Any = gating.promote
+    check_registry: Callable[[str], None] = registry.check_registry
+    pull: Callable[[DatasetSpec, str | None, str | None], pd.DataFrame] = data.pull
+    validate: Callable[[pd.DataFrame, DatasetSpec, int, float], validation.ValidationReport] = validation.validate
+    hold_lineage: Callable[[str], AbstractContextManager[None]] = training_run.lineage_held
+    find_existing: Callable[[str, str, str, str], ModelVersion | None] = registry.find_existing
+    split: Callable[[pd.DataFrame, DatasetSpec, int], training.Split] = training.split
+    open_parent_run: Callable[[str, str, dict[str, str], dict[str, Any]], tuple[str, str]] = tracking.open_parent_run
+    close_run: Callable[..., None] = tracking.close_run
+    compete: Callable[[list[ModelSpec], candidates.Contest, dict[str, str]], list[candidates.CandidateResult]] = (
+        candidates.compete
+    )
+    log_and_register: Callable[..., ModelVersion] = registry.log_and_register
+    gate: Callable[[dict[str, float], str, training.Split, DatasetSpec, gating.GateThresholds], gating.GateDecision] = (
+        gating.gate
+    )
+    promote: Callable[[str, str, gating.GateDecision], bool] = gating.promote
 
     def bare(self) -> TrainSteps:
         """The same steps without Prefect: each task's own function (`task.fn`), the candidates one after another

@@ -19,7 +19,8 @@ from sklearn.pipeline import Pipeline
 from flywheel.core.settings import get_settings
 from flywheel.core.spec import DatasetSpec
 from flywheel.tasks.evaluation import HIGHER_IS_BETTER, evaluate_model
-from flywheel.tasks.training import ModelSpec, ModelSpecError, Split, fit
+from flywheel.tasks.model_specs import ModelSpec, ModelSpecError
+from flywheel.tasks.training import Split, fit
 
 
 @dataclass

@@ -18,14 +18,8 @@ from flywheel.core.spec import DatasetSpec
 from flywheel.tasks.candidates import CandidateResult, candidate_run_name
 from flywheel.tasks.data import DEMO_SCHEME, resolve_spec
 from flywheel.tasks.evaluation import confusion_figure
-from flywheel.tasks.training import (
-    ModelSpec,
-    Split,
-    candidate_set_hash,
-    resolve_model_specs,
-    selection_metric,
-    servable_model,
-)
+from flywheel.tasks.model_specs import ModelSpec, candidate_set_hash, resolve_model_specs, selection_metric
+from flywheel.tasks.training import Split, servable_model
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Shared by the model server's tests (tests/unit/test_model_server.py, in-process, and
 tests/integration/test_model_server_live.py, on real sockets): a real MLflow registry (SQLite in tmp) with two
-versions of a small flights classifier, and small helpers."""
+versions of a small flights classifier (the `registry` and `rows` fixtures both modules take), and small helpers."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 FEATURES = ["hour", "distance", "carrier", "origin"]
 
@@ -49,6 +50,22 @@ def register_two_versions(root: Path, january: pd.DataFrame, model_name: str) ->
                 )
         models = {v: mlflow.pyfunc.load_model(f"models:/{model_name}/{v}") for v in ("1", "2")}
         return {"uri": uri, "root": root, "models": models}
+
+
+def registry_fixtures(model_name: str) -> tuple:
+    """A model server test module's `registry` (two registered versions of `model_name`, loaded) and `rows` (40 rows
+    as clients send them: the features plus columns the model ignores, such as event time, target and weather)
+    fixtures, module-scoped, over the module's `january` fixture: `registry, rows = registry_fixtures(MODEL)`."""
+
+    @pytest.fixture(scope="module")
+    def registry(tmp_path_factory, january):
+        return register_two_versions(tmp_path_factory.mktemp("model-server"), january, model_name)
+
+    @pytest.fixture(scope="module")
+    def rows(january) -> pd.DataFrame:
+        return january.sample(n=40, random_state=7).reset_index(drop=True)
+
+    return registry, rows
 
 
 def expected(registry, frame: pd.DataFrame, version: str = "1") -> list:

@@ -52,6 +52,12 @@ _JSON_STRING_RE = re.compile(rb'"(?:[^"\\]|\\.)*"')
 
 
 # --------------------------------------------------------------------------------------------------- bodies
+def bad_request(message: str, code: str = "BAD_REQUEST") -> ApiError:
+    """The 400 for a request body the server cannot score: one it cannot read at all is MALFORMED_REQUEST, one
+    whose content is wrong (a missing field, a ragged row) BAD_REQUEST."""
+    return ApiError(400, code, message)
+
+
 def media_type(content_type: str | None) -> str:
     """The MIME type of a scoring request's Content-Type (lower case); 415 without one, for a charset other than
     UTF-8 or for other parameters."""
@@ -77,10 +83,9 @@ def decode_json(body: bytes) -> dict:
     try:
         decoded = _loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "MALFORMED_REQUEST", f"request body is not valid JSON: {exc}") from None
+        raise bad_request(f"request body is not valid JSON: {exc}", "MALFORMED_REQUEST") from None
     if not isinstance(decoded, dict):
-        raise ApiError(
-            400, "BAD_REQUEST",
+        raise bad_request(
             "the input must be a JSON object with exactly one of the input fields "
             "'dataframe_split', 'dataframe_records', 'instances' or 'inputs'",
         )  # fmt: skip
@@ -111,11 +116,8 @@ def check_json_depth(body: bytes) -> None:
     if depth <= MAX_JSON_DEPTH and len(body) > _DEPTH_PREFIX_BYTES:
         depth = json_depth(body)
     if depth > MAX_JSON_DEPTH:
-        raise ApiError(
-            400, "MALFORMED_REQUEST",
-            f"request body is nested too deeply: more than {MAX_JSON_DEPTH} levels of arrays/objects "
-            f"(the limit is {MAX_JSON_DEPTH})",
-        )  # fmt: skip
+        too_deep = f"more than {MAX_JSON_DEPTH} levels of arrays/objects (the limit is {MAX_JSON_DEPTH})"
+        raise bad_request(f"request body is nested too deeply: {too_deep}", "MALFORMED_REQUEST")
 
 
 def decode_csv(body: bytes) -> str:
@@ -123,7 +125,7 @@ def decode_csv(body: bytes) -> str:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ApiError(400, "BAD_REQUEST", f"CSV body is not valid UTF-8: {exc}") from None
+        raise bad_request(f"CSV body is not valid UTF-8: {exc}") from None
     check_csv_rows(text)
     return text
 
@@ -151,8 +153,7 @@ def _check_format_keys(decoded: dict) -> None:
         return
     other = [k for k in decoded if k not in INPUT_FORMATS and k != "params"]
     got = f"{len(found)} of them ({', '.join(found)})" if found else "none of them"
-    raise ApiError(
-        400, "BAD_REQUEST",
+    raise bad_request(
         f"the input must be a JSON object with exactly one of the fields {', '.join(INPUT_FORMATS)}: got {got}"
         + (f"; unknown field(s): {', '.join(map(str, other))}" if other else ""),
     )  # fmt: skip
@@ -196,8 +197,7 @@ def check_rows(decoded: Any, schema: Any = None) -> None:
         lengths = [(k, len(v)) for k, v in value.items() if isinstance(v, list)]
         for k, n in lengths[1:]:
             if n != lengths[0][1]:
-                raise ApiError(
-                    400, "BAD_REQUEST",
+                raise bad_request(
                     f"{fmt}: column {k!r} has {n} values, expected {lengths[0][1]} (as column {lengths[0][0]!r})",
                 )  # fmt: skip
 
@@ -212,16 +212,14 @@ def _check_split(value: dict) -> None:
         _check_lengths("dataframe_split", data, len(data[0]), "as row 0")
     index = value.get("index")
     if isinstance(index, list) and len(index) != len(data):
-        raise ApiError(
-            400, "BAD_REQUEST", f"dataframe_split: 'index' has {len(index)} entries for {len(data)} rows of 'data'"
-        )
+        raise bad_request(f"dataframe_split: 'index' has {len(index)} entries for {len(data)} rows of 'data'")
 
 
 def _check_lengths(fmt: str, rows: list, width: int, why: str) -> None:
     for i, row in enumerate(rows):
         n = len(row) if isinstance(row, list) else 1
         if n != width:
-            raise ApiError(400, "BAD_REQUEST", f"{fmt}: row {i} has {n} values, expected {width} ({why})")
+            raise bad_request(f"{fmt}: row {i} has {n} values, expected {width} ({why})")
 
 
 def _check_records(fmt: str, records: list, schema: Any) -> None:
@@ -235,8 +233,7 @@ def _check_records(fmt: str, records: list, schema: Any) -> None:
     for i, r in enumerate(records):
         missing = [c for c in carried if c not in r]
         if missing:
-            raise ApiError(
-                400, "BAD_REQUEST",
+            raise bad_request(
                 f"{fmt}: row {i} lacks {', '.join(map(repr, missing))}, which other rows carry "
                 f"(it has {len(carried) - len(missing)} of the {len(carried)} signature columns the request sends)",
             )  # fmt: skip
@@ -271,8 +268,7 @@ def check_csv_rows(text: str) -> None:
                 continue
             row_no += 1
             if len(fields) != width:
-                raise ApiError(
-                    400, "BAD_REQUEST",
+                raise bad_request(
                     f"CSV row {row_no} (line {reader.line_num}) has {len(fields)} fields, expected {width} "
                     "(as the header)",
                 )  # fmt: skip

@@ -9,7 +9,7 @@ at most `restart_limit` times within `restart_window_seconds`; then the supervis
 the stack runs on. Serving never waits for MLflow or Prefect: the model servers keep what they loaded. The model
 servers and the bridge are health-checked (`/health` with a timeout); after `health_failures` failed checks in a row
 a frozen one is killed and started again. A watchdog process (flywheel.stack.reaper) stops every child when the
-supervisor dies, kill -9 included. Ctrl-C / SIGTERM stops all.
+supervisor dies, kill -9 included. Ctrl-C / SIGTERM stops all. How each child starts is in flywheel.stack.launch.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from flywheel.core.files import load_or_create_private, write_private
 from flywheel.core.settings import Settings
-from flywheel.stack import local, processes, reaper
+from flywheel.stack import launch, local, processes, reaper
 from flywheel.stack.processes import ManagedProcess, ServerStartError
 from flywheel.stack.restarts import HealthCount, RestartPolicy
 
@@ -91,17 +91,6 @@ class Stack:
     def stack_file(self) -> Path:
         return self.root / local.STACK_FILE
 
-    def urls(self) -> dict[str, str]:
-        s = self.settings
-        return {
-            "mlflow_url": f"http://{s.host}:{s.mlflow_port}",
-            "prefect_url": f"http://{s.host}:{s.prefect_port}",
-            "prefect_api_url": f"http://{s.host}:{s.prefect_port}/api",
-            "model_url": s.serving_url,
-            "staging_url": s.staging_url,
-            "bridge_url": f"http://{s.host}:{s.bridge_port}",
-        }
-
     def say(self, message: str) -> None:
         """A supervisor event: on stderr and in logs/supervisor.log (owner-only)."""
         line = f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} flywheel up: {message}"
@@ -154,67 +143,45 @@ class Stack:
             )  # fmt: skip
 
     # ----------------------------------------------------------------------------------------------- start
-    def child_env(self) -> dict[str, str | None]:
-        u = self.urls()
-        return {
-            "MLFLOW_TRACKING_URI": u["mlflow_url"],
-            "PREFECT_API_URL": u["prefect_api_url"],
-            "FLYWHEEL_STATE_DIR": str(self.root),
-            "PREFECT_HOME": str(self.root / "prefect"),
-            # Prefect's server answers 500 while its database is briefly away; its client retries only 429/502/503.
-            "PREFECT_CLIENT_RETRY_EXTRA_CODES": os.environ.get("PREFECT_CLIENT_RETRY_EXTRA_CODES", "500"),
-        }
-
     def starters(self) -> dict[str, Callable[[], ManagedProcess]]:
         """How each child starts, in start order (the reverse is the stop order)."""
-        s, root = self.settings, self.root
-        logs = root / "logs"
-
-        def mlflow() -> ManagedProcess:
-            backend, artifacts = local.mlflow_backend(s)
-            return processes.start_mlflow(
-                host=s.host, port=s.mlflow_port, backend_store_uri=backend, artifacts_destination=artifacts,
-                log_path=logs / "mlflow.log", on_spawn=self._track,
-                env=processes.mlflow_server_env(root, processes.load_or_create_fernet_key(root)),
-            )  # fmt: skip
-
-        def prefect() -> ManagedProcess:
-            return processes.start_prefect(
-                host=s.host, port=s.prefect_port, prefect_home=root / "prefect", log_path=logs / "prefect.log",
-                database_url=s.prefect_database_url.get_secret_value() if s.prefect_database_url else None,
-                on_spawn=self._track,
-            )  # fmt: skip
-
+        s, launcher = self.settings, self._launcher()
         starters: dict[str, Callable[[], ManagedProcess]] = {
-            "mlflow": mlflow,
-            "prefect": prefect,
+            "mlflow": launcher.mlflow,
+            "prefect": launcher.prefect,
             "model-server": lambda: self._start_model_server("model-server", s.serving_port, self._token()),
             "staging-server": lambda: self._start_model_server("staging-server", s.staging_port, self._token()),
         }
         for service in local.SERVICES:
-            starters[service.name] = lambda service=service: self._start_service(service)
-        starters["deployments"] = self._start_deployments
+            starters[service.name] = lambda service=service: launcher.service(service)
+        starters["deployments"] = launcher.deployments
         return starters
+
+    def _launcher(self) -> launch.Launcher:
+        return launch.Launcher(self.settings, self.root, self._track)
+
+    def _start_model_server(self, role: str, port: int, admin_token: str) -> ManagedProcess:
+        return self._launcher().model_server(role, port, admin_token)
 
     def start(self) -> dict[str, str]:
         self.check_can_start()
-        s, root, u = self.settings, self.root, self.urls()
+        s, root = self.settings, self.root
         local.tighten_modes(root)
         load_or_create_token(root / "admin_token")
         try:
             self._start_watchdog()
             for name, starter in self.starters().items():
                 if name == "deployments":
-                    self._register_webhook(u["bridge_url"])
+                    self._launcher().register_webhook()
                 self.children[name] = starter()
-            self._ensure_automations(s.alert_webhook_url)
+            self._launcher().ensure_automations(s.alert_webhook_url)
             if s.deploy_target == "docker":
-                self._check_engine()
+                launch.check_engine()
         except BaseException:
             self.stop()
             raise
         self._write_stack_file()
-        return u
+        return launch.stack_urls(s)
 
     def _start_watchdog(self) -> None:
         """The watchdog reads our pipe; its end-of-file (this process gone) makes it stop every child."""
@@ -236,94 +203,9 @@ class Stack:
             self._watchdog.close()
             self._watchdog = None
 
-    def _model_server_cmd(self, role: str, port: int, admin_token: str) -> list[str]:
-        alias = "champion" if role == "model-server" else "challenger"
-        serving_role = "production" if alias == "champion" else "staging"
-        return [
-            sys.executable, "-m", "flywheel.serving", "--model", self.settings.model_name,
-            "--host", self.settings.host, "--port", str(port), "--tracking-uri", self.urls()["mlflow_url"],
-            "--initial-alias", alias, "--role", serving_role,
-            "--request-log-dir", str(self.settings.request_log_dir(serving_role)),
-        ]  # fmt: skip
-
-    def _start_model_server(self, role: str, port: int, admin_token: str) -> ManagedProcess:
-        env = {**self.child_env(), "FLYWHEEL_ADMIN_TOKEN": admin_token}
-        mp = processes.spawn(
-            role, self._model_server_cmd(role, port, admin_token), url=f"http://{self.settings.host}:{port}",
-            log_path=self.root / "logs" / f"{role}.log", health_path="/health", env=env, on_spawn=self._track,
-        )  # fmt: skip
-        return processes.healthy_or_stopped(mp, 120)
-
-    def _start_service(self, service: local.Service) -> ManagedProcess:
-        cmd = [sys.executable, "-m", service.module, *service.args(self.settings)]
-        mp = processes.spawn(
-            service.name, cmd, url=service.url(self.settings), log_path=self.root / "logs" / f"{service.name}.log",
-            health_path=service.health_path, env=self.child_env(), on_spawn=self._track,
-        )  # fmt: skip
-        return processes.healthy_or_stopped(mp, service.start_timeout)
-
-    def _register_webhook(self, bridge_url: str) -> None:
-        from flywheel.bridge.secrets import load_or_create_secret
-        from flywheel.bridge.webhooks import ensure_webhook
-        from flywheel.tasks import registry
-
-        secret = load_or_create_secret(self.root)
-        ensure_webhook(registry.client(self.urls()["mlflow_url"]), bridge_url + "/webhooks/mlflow", secret)
-
-    def _ensure_automations(self, alert_url: str | None) -> None:
-        """Zombie-run detection always; alert notifications when a webhook URL is configured."""
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        from flywheel.deployments.alerts import ensure_alerts, ensure_zombie_detection
-
-        # This process's Prefect settings stay as they were (a test process, or `up` itself): only these calls go
-        # to the stack's server.
-        with temporary_settings(updates={PREFECT_API_URL: self.urls()["prefect_api_url"]}):
-            ensure_zombie_detection()
-            if alert_url:
-                ensure_alerts(alert_url)
-
-    def _start_deployments(self) -> ManagedProcess:
-        from flywheel.deployments.alerts import HEARTBEAT_SECONDS
-
-        # Heartbeats let the zombie automation mark a run Crashed when this process dies under it.
-        env = {**self.child_env(), "PREFECT_RUNNER_POLL_FREQUENCY": "2",
-               "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS)}  # fmt: skip
-        cmd = [sys.executable, "-m", "flywheel.deployments.serve"]
-        mp = processes.spawn(
-            "deployments", cmd, url=self.urls()["prefect_api_url"], log_path=self.root / "logs" / "deployments.log",
-            health_path="/health", env=env, on_spawn=self._track,
-        )  # fmt: skip
-        from flywheel.deployments.definitions import DEPLOYMENT_NAMES
-
-        try:
-            for full_name in DEPLOYMENT_NAMES:  # `serve` creates them one by one
-                self._wait_for_deployment(full_name, mp)
-        except BaseException:
-            mp.stop()
-            raise
-        return mp
-
-    def _wait_for_deployment(self, full_name: str, mp: ManagedProcess, timeout: float = 120) -> None:
-        import httpx
-
-        api = self.urls()["prefect_api_url"]
-        flow_name, dep_name = full_name.split("/")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not mp.alive():
-                raise ServerStartError(f"the deployments process exited while starting:\n{mp.log_tail()}")
-            try:
-                if httpx.get(f"{api}/deployments/name/{flow_name}/{dep_name}", timeout=3).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise ServerStartError(f"deployment {full_name} did not appear within {timeout:.0f}s:\n{mp.log_tail()}")
-
     def _write_stack_file(self) -> None:
         data = {
-            **self.urls(),
+            **launch.stack_urls(self.settings),
             "supervisor_pid": os.getpid(),
             "watchdog_pid": self._watchdog.pid if self._watchdog else None,
             "pids": {name: mp.pid for name, mp in self.children.items()},
@@ -489,31 +371,9 @@ class Stack:
             self._untrack(mp)
         self._stop_watchdog()
         if self.settings.deploy_target == "docker":
-            self._remove_containers()
+            launch.remove_containers(self.settings)
         if self.stack_file.exists():
             self.stack_file.unlink()
-
-    @staticmethod
-    def _check_engine() -> None:
-        from flywheel.tasks.serving import TargetError, docker_engine
-
-        try:
-            docker_engine(timeout=5)
-        except TargetError as exc:
-            print(f"warning: {exc}. Until one answers, deployments fail; what serves stays.", file=sys.stderr)
-
-    def _remove_containers(self) -> None:
-        """The docker target's containers sit behind this stack's model servers: they stop with them."""
-        from flywheel.tasks.serving import DockerTarget, TargetError
-
-        s = self.settings
-        for role, url in (("production", s.serving_url), ("staging", s.staging_url)):
-            try:
-                removed = DockerTarget(url=url, admin_token=None, model_name=s.model_name, role=role).remove_all()
-            except TargetError:
-                continue  # no engine: no container of ours can be running
-            if removed:
-                print(f"removed containers: {', '.join(removed)}", file=sys.stderr)
 
     def run_until_signalled(self) -> None:
         def _handler(signum, frame):  # noqa: ARG001

@@ -1,6 +1,6 @@
 """Register the bridge with the MLflow server (one-shot job of the scale-out stack).
 
-The embedded stack does this in `flywheel up` (flywheel/stack/supervisor.py); in infra/ the bridge runs in its own
+The embedded stack does this in `flywheel up` (flywheel/stack/launch.py); in infra/ the bridge runs in its own
 container, so this job calls the same `ensure_webhook` — idempotent: one ACTIVE webhook named `flywheel-bridge`,
 updated in place when the URL or the secret changed. The secret is FLYWHEEL_WEBHOOK_SECRET, the one the bridge
 verifies with.

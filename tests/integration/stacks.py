@@ -1,9 +1,10 @@
-"""Helpers shared by the integration tests (not a test module): a whole `flywheel up` stack, waiting for a
-condition, traffic, stopping a child process a test started."""
+"""Helpers shared by the integration tests (not a test module): a whole `flywheel up` stack, one model server
+process, waiting for a condition, traffic, the deployment ledger, stopping a child process a test started."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import threading
 import time
@@ -77,6 +78,64 @@ def running_stack(state: Path, model: str, **extra_env: str) -> Iterator[tuple]:
         finally:
             st.stop()
             get_settings.cache_clear()
+
+
+def run_cli(args: list[str], env: dict, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """A CLI (`flywheel`, `prefect`) run against a stack: `env` over this process' environment; a non-zero exit
+    fails the test with the command's output unless `check` is False."""
+    proc = subprocess.run(args, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def copy_version(client, base, name: str | None = None) -> str:
+    """Another version of `base`'s trained model (same run and artifacts, so it carries the smoke test's held-out
+    sample) registered as the next version of `name` (default: `base`'s own model); cheap to deploy."""
+    from flywheel.tasks import registry
+
+    name = name or base.name
+    registry.ensure_registered_model(client, name)
+    mv = client.create_model_version(name, source=base.source, run_id=base.run_id,
+                                     tags={"copy_of": f"{base.name}/{base.version}"},
+                                     model_id=base.source.rsplit("/", 1)[-1])  # fmt: skip
+    return mv.version
+
+
+def start_model_server(mlflow_url: str, model: str, version: str, tmp: Path, *, admin_token: str, compiled: bool):
+    """The real model server (`python -m flywheel.serving`) on a free port serving `version` of `model`, with its
+    compiled model or through pyfunc; its log, request log and state in `tmp`. Returned once it answers /ping."""
+    import sys
+
+    from flywheel.stack import processes
+
+    port = processes.free_port()
+    cmd = [sys.executable, "-m", "flywheel.serving", "--model", model, "--port", str(port), "--host", "127.0.0.1",
+           "--tracking-uri", mlflow_url, "--initial-version", version, "--log-level", "warning",
+           "--request-log-dir", str(tmp / f"log-{port}")]  # fmt: skip
+    env = {"FLYWHEEL_ADMIN_TOKEN": admin_token, "FLYWHEEL_COMPILE_MODELS": "true" if compiled else "false",
+           "FLYWHEEL_STATE_DIR": str(tmp / "state"), "MLFLOW_TRACKING_URI": mlflow_url}  # fmt: skip
+    mp = processes.spawn(f"model-server-{port}", cmd, url=f"http://127.0.0.1:{port}", log_path=tmp / f"{port}.log",
+                         health_path="/ping", env=env)  # fmt: skip
+    return processes.wait_healthy(mp, timeout=180)
+
+
+def ledger_rows(urls, model: str) -> list[dict]:
+    """The deployment table artifact of `model` (`deployments-<model>`), as a Prefect UI user sees it (newest
+    first)."""
+    import json
+
+    resp = httpx.post(
+        urls["prefect_api_url"] + "/artifacts/latest/filter",
+        json={"artifacts": {"key": {"any_": [f"deployments-{model}"]}}, "limit": 1},
+        timeout=10,
+    )
+    resp.raise_for_status()
+    found = resp.json()
+    if not found:
+        return []
+    data = found[0]["data"]
+    return json.loads(data) if isinstance(data, str) else data
 
 
 def served_version(urls) -> str | None:

@@ -9,32 +9,17 @@ other Python types (an int sent as a float, a missing value) and a bad row among
 from __future__ import annotations
 
 import re
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
+from stacks import start_model_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 ADMIN = "any-batching-admin"
 CLIENTS = 16
 MAX_ROUNDS = 20  # rounds of concurrent requests before giving up on seeing a merged predict call
-
-
-def _start_server(mlflow_url: str, model: str, version: str, tmp: Path, compiled: bool):
-    from flywheel.stack import processes
-
-    port = processes.free_port()
-    cmd = [sys.executable, "-m", "flywheel.serving", "--model", model, "--port", str(port), "--host", "127.0.0.1",
-           "--tracking-uri", mlflow_url, "--initial-version", version, "--log-level", "warning",
-           "--request-log-dir", str(tmp / f"log-{port}")]  # fmt: skip
-    env = {"FLYWHEEL_ADMIN_TOKEN": ADMIN, "FLYWHEEL_COMPILE_MODELS": "true" if compiled else "false",
-           "FLYWHEEL_STATE_DIR": str(tmp / "state"), "MLFLOW_TRACKING_URI": mlflow_url}  # fmt: skip
-    mp = processes.spawn(f"model-server-{port}", cmd, url=f"http://127.0.0.1:{port}", log_path=tmp / f"{port}.log",
-                         health_path="/ping", env=env)  # fmt: skip
-    return processes.wait_healthy(mp, timeout=180)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +50,9 @@ def servers(any_model, mlflow_server, tmp_path_factory):
     started = []
     try:
         for compiled in (True, False):
-            started.append(_start_server(mlflow_server.url, name, version, tmp, compiled))
+            started.append(
+                start_model_server(mlflow_server.url, name, version, tmp, admin_token=ADMIN, compiled=compiled)
+            )
         yield {"compiled": started[0], "pyfunc": started[1]}
     finally:
         for mp in started:

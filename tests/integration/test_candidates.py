@@ -31,7 +31,7 @@ def _children(client, parent_run_id: str) -> list:
 
 def test_three_candidates_nested_runs_best_registered_and_gated(flow_env, model_name):
     from flywheel.flows.train import train
-    from flywheel.tasks import training
+    from flywheel.tasks import model_specs, training
 
     client = flow_env
     result = train(start=JAN[0], end=JAN[1], model_name=model_name, params_path=str(CANDIDATES_FILE))
@@ -72,8 +72,8 @@ def test_three_candidates_nested_runs_best_registered_and_gated(flow_env, model_
     assert parent.data.params["selection_metric"] == "f1"
 
     # Lineage: the params hash covers the whole candidate set; the gate was applied.
-    specs = training.load_model_specs(CANDIDATES_FILE, "binary")
-    assert mv.tags["params_hash"] == training.candidate_set_hash(specs, "f1") != specs[0].params_hash()
+    specs = model_specs.load_model_specs(CANDIDATES_FILE, "binary")
+    assert mv.tags["params_hash"] == model_specs.candidate_set_hash(specs, "f1") != specs[0].params_hash()
     assert mv.tags["gate_passed"] in {"true", "false"} and result["gate"]["reasons"]
     aliases = client.get_registered_model(model_name).aliases
     assert aliases["challenger"] == result["version"]

@@ -7,13 +7,12 @@ serves through pyfunc with its reason.
 
 from __future__ import annotations
 
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from stacks import start_model_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -41,9 +40,9 @@ def january_split(flights):
 @pytest.fixture(scope="module")
 def flights_model(january_split):
     from flywheel.core.spec import load_spec
-    from flywheel.tasks import training
+    from flywheel.tasks import model_specs, training
 
-    return training.train_model(january_split, load_spec(), training.default_model_spec("binary"), 42)
+    return training.train_model(january_split, load_spec(), model_specs.default_model_spec("binary"), 42)
 
 
 @pytest.fixture(scope="module")
@@ -105,26 +104,12 @@ def monkeypatch_module():
     mp.undo()
 
 
-def start_server(mlflow_url: str, version: str, tmp: Path, compiled: bool = True):
-    from flywheel.stack import processes
-
-    port = processes.free_port()
-    cmd = [sys.executable, "-m", "flywheel.serving", "--model", MODEL, "--port", str(port), "--host", "127.0.0.1",
-           "--tracking-uri", mlflow_url, "--initial-version", version, "--log-level", "warning",
-           "--request-log-dir", str(tmp / f"log-{port}")]  # fmt: skip
-    env = {"FLYWHEEL_ADMIN_TOKEN": ADMIN, "FLYWHEEL_COMPILE_MODELS": "true" if compiled else "false",
-           "FLYWHEEL_STATE_DIR": str(tmp / "state"), "MLFLOW_TRACKING_URI": mlflow_url}  # fmt: skip
-    mp = processes.spawn(f"model-server-{port}", cmd, url=f"http://127.0.0.1:{port}", log_path=tmp / f"{port}.log",
-                         health_path="/ping", env=env)  # fmt: skip
-    return processes.wait_healthy(mp, timeout=180)
-
-
 @pytest.fixture(scope="module")
 def servers(mlflow_server, versions, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("servers")
     version = versions["flights"]["version"]
-    compiled = start_server(mlflow_server.url, version, tmp)
-    plain = start_server(mlflow_server.url, version, tmp, compiled=False)
+    compiled = start_model_server(mlflow_server.url, MODEL, version, tmp, admin_token=ADMIN, compiled=True)
+    plain = start_model_server(mlflow_server.url, MODEL, version, tmp, admin_token=ADMIN, compiled=False)
     try:
         yield compiled, plain
     finally:

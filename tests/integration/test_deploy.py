@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
-from stacks import Receiver, Traffic, running_stack, served_version, wait_for
+from stacks import Receiver, Traffic, ledger_rows, running_stack, served_version, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -70,21 +70,6 @@ def run_cli(args: list[str], env: dict, timeout: float = 300) -> subprocess.Comp
     return proc
 
 
-def ledger_rows(urls) -> list[dict]:
-    """The deployment table artifact, as a Prefect UI user sees it (newest first)."""
-    resp = httpx.post(
-        urls["prefect_api_url"] + "/artifacts/latest/filter",
-        json={"artifacts": {"key": {"any_": [f"deployments-{MODEL}"]}}, "limit": 1},
-        timeout=10,
-    )
-    resp.raise_for_status()
-    found = resp.json()
-    if not found:
-        return []
-    data = found[0]["data"]
-    return json.loads(data) if isinstance(data, str) else data
-
-
 def _deploy_runs(urls) -> list[dict]:
     """deploy-model runs of this model, each with its creation time as epoch seconds (`created_ts`)."""
     import datetime as dt
@@ -122,7 +107,7 @@ def test_trained_champion_is_deployed_through_the_webhook(stack, client):
     assert v1 == "serving"
     tags = client.get_model_version(MODEL, "1").tags
     assert tags["deploy_trigger"] == "event"  # the webhook → bridge → Prefect event path, not the reconciler
-    rows = _wait("the ledger artifact", lambda: ledger_rows(urls))
+    rows = _wait("the ledger artifact", lambda: ledger_rows(urls, MODEL))
     assert rows[0]["version"] == "1" and rows[0]["outcome"] == "serving"
     # The package is a real Docker build context; no engine here, and the ledger says so.
     assert Path(st.root, tags["deploy_context"], "Dockerfile").is_file()  # relative to the state dir
@@ -258,10 +243,10 @@ def test_legacy_production_stage_counts_as_champion(stack, client):
     run_cli([str(BIN / "prefect"), "deployment", "run", "reconcile/every-minute", "--watch"], env)
     assert client.get_model_version_by_alias(MODEL, "champion").version == lost
     _wait(f"the ledger to show v{lost} deployed again",
-          lambda: [r["version"] for r in ledger_rows(urls)][:1] == [lost], timeout=180)  # fmt: skip
+          lambda: [r["version"] for r in ledger_rows(urls, MODEL)][:1] == [lost], timeout=180)  # fmt: skip
     assert served_version(urls) == lost
     # One deployment per move: the ledger holds the lost-webhook version twice (the reconciler's move and this one),
     # the broken one once.
-    outcomes = [(r["version"], r["outcome"]) for r in ledger_rows(urls)]
+    outcomes = [(r["version"], r["outcome"]) for r in ledger_rows(urls, MODEL)]
     assert outcomes.count((broken, "failed-smoke")) == 1
     assert outcomes.count((lost, "serving")) == 2

@@ -20,7 +20,7 @@ import time
 import httpx
 import pandas as pd
 import pytest
-from stacks import Traffic, running_stack, served_version, wait_for
+from stacks import Traffic, ledger_rows, running_stack, served_version, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -85,18 +85,6 @@ def deploy_runs(urls, version: str) -> list[dict]:
     return [r for r in resp.json() if str(r["parameters"].get("version")) == version]
 
 
-def ledger_rows(urls) -> list[dict]:
-    """The deployment table artifact, as a Prefect UI user sees it (newest first)."""
-    resp = httpx.post(
-        urls["prefect_api_url"] + "/artifacts/latest/filter",
-        json={"artifacts": {"key": {"any_": [f"deployments-{MODEL}"]}}, "limit": 1},
-        timeout=10,
-    )
-    resp.raise_for_status()
-    found = resp.json()
-    return (json.loads(found[0]["data"]) if isinstance(found[0]["data"], str) else found[0]["data"]) if found else []
-
-
 def score(urls, frame: pd.DataFrame) -> httpx.Response:
     split = json.loads(frame.to_json(orient="split", index=False))
     return httpx.post(urls["model_url"] + "/invocations", json={"dataframe_split": split}, timeout=30)
@@ -123,7 +111,7 @@ def test_a_notebook_model_made_champion_is_deployed_and_serves(stack, client, no
     assert tags["deploy_reason"].startswith(
         "smoke test passed on 5 rows of v1's input example (none found: v1's holdout sample, the latest served rows)"
     )
-    rows = wait_for("the ledger artifact", lambda: ledger_rows(urls))
+    rows = wait_for("the ledger artifact", lambda: ledger_rows(urls, MODEL))
     assert rows[0]["version"] == "1" and rows[0]["outcome"] == "serving"
 
     for start in range(0, len(X), 30):  # traffic, recorded in the request log for the next test
@@ -161,5 +149,5 @@ def test_a_version_whose_predict_raises_is_refused_for_it_and_v1_keeps_serving(s
     assert served_version(urls) == "1"
     assert traffic.statuses and set(traffic.statuses) == {200}, f"failed requests: {set(traffic.statuses)}"
     assert set(traffic.versions) == {"1"}
-    rows = wait_for("v2's ledger row", lambda: [r for r in ledger_rows(urls) if r["version"] == "2"])
+    rows = wait_for("v2's ledger row", lambda: [r for r in ledger_rows(urls, MODEL) if r["version"] == "2"])
     assert rows[0]["outcome"] == "failed-smoke" and "broken on purpose" in rows[0]["reason"]

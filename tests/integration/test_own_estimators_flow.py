@@ -82,7 +82,8 @@ def test_factory_model_goes_with_its_code(flow_env, model_name, user_project, tm
     from flywheel.core.spec import load_spec
     from flywheel.flows.train import train
     from flywheel.tasks import registry
-    from flywheel.tasks.training import feature_frame, load_model_specs
+    from flywheel.tasks.model_specs import load_model_specs
+    from flywheel.tasks.training import feature_frame
 
     client = flow_env
     project, frame = user_project

@@ -14,7 +14,6 @@ import datetime as dt
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
-from stacks import Receiver, running_stack, wait_for
+from stacks import Receiver, copy_version, run_cli, running_stack, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
@@ -55,13 +54,6 @@ def _parse(ts: str | None) -> dt.datetime | None:
 
 def served_version(url: str) -> str | None:
     return httpx.get(url + "/version", timeout=5).json()["model_version"]
-
-
-def run_cli(args: list[str], env: dict, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert proc.returncode == 0, f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
 
 
 def api(urls, method: str, path: str, **kwargs):
@@ -169,17 +161,6 @@ def champion_of(client) -> str:
     return client.get_model_version_by_alias(MODEL, "champion").version
 
 
-def new_version(client, base, name: str = MODEL) -> str:
-    """Another version of the same trained model (same run, so it carries the smoke test's held-out sample)."""
-    from flywheel.tasks import registry
-
-    registry.ensure_registered_model(client, name)
-    mv = client.create_model_version(name, source=base.source, run_id=base.run_id,
-                                     tags={"copy_of": f"{base.name}/{base.version}"},
-                                     model_id=base.source.rsplit("/", 1)[-1])  # fmt: skip
-    return mv.version
-
-
 def deploy(client, urls, version: str, timeout: float = 180) -> None:
     client.set_registered_model_alias(MODEL, "champion", version)
     _wait(f"v{version} to serve", lambda: served_version(urls["model_url"]) == version, timeout=timeout)
@@ -278,7 +259,7 @@ def test_model_loading_only_from_the_configured_registry(stack, client, trained)
     st, urls, env = stack
     url, headers = urls["model_url"], admin_headers(st)
     before = server_state(st, urls)
-    v_other = new_version(client, trained)  # a real version of MODEL, so "load v<n>" would succeed if honoured
+    v_other = copy_version(client, trained)  # a real version of MODEL, so "load v<n>" would succeed if honoured
     for body in ({"uri": "runs:/" + trained.run_id + "/model"}, {"uri": "file:///tmp/model"},
                  {"version": "file:///tmp/model"}, {"version": "runs:/" + trained.run_id + "/model"},
                  {"alias": "../champion"}, {"name": INTRUDER, "version": v_other},
@@ -292,9 +273,9 @@ def test_model_loading_only_from_the_configured_registry(stack, client, trained)
 
     # An alias move of another model in the same registry must not deploy anything to this model's server.
     since = _now()
-    intruder_v = new_version(client, trained, name=INTRUDER)
+    intruder_v = copy_version(client, trained, name=INTRUDER)
     while int(intruder_v) < int(v_other):  # make the intruder's version number one MODEL also has (but not serving)
-        intruder_v = new_version(client, trained, name=INTRUDER)
+        intruder_v = copy_version(client, trained, name=INTRUDER)
     client.set_registered_model_alias(INTRUDER, "champion", intruder_v)
     # And an event for a version the registry does not have.
     from flywheel.bridge.emit import prefect_emit
@@ -331,7 +312,7 @@ def _prefect_env(urls):
 # --------------------------------------------------------------------------------------------------- case 6
 def test_two_alias_moves_within_a_second_end_on_the_last_and_never_overlap(stack, client, trained):
     _, urls, _ = stack
-    va, vb = new_version(client, trained), new_version(client, trained)
+    va, vb = copy_version(client, trained), copy_version(client, trained)
     since = _now()
     client.set_registered_model_alias(MODEL, "champion", va)
     client.set_registered_model_alias(MODEL, "champion", vb)
@@ -374,7 +355,7 @@ def critical_sections(urls, runs: list[dict]) -> list[tuple[dt.datetime, dt.date
 # --------------------------------------------------------------------------------------------------- case 8
 def test_replayed_webhook_and_reconciler_together_deploy_once(stack, client, trained):
     st, urls, env = stack
-    vc = new_version(client, trained)
+    vc = copy_version(client, trained)
     secret = (st.root / "webhook_secret").read_text().strip()
     since = _now()
     client.set_registered_model_alias(MODEL, "champion", vc)  # MLflow's own webhook fires too
@@ -421,7 +402,7 @@ def test_killed_model_server_is_restarted_on_the_current_champion(stack, client,
     st, urls, _ = stack
     champion = client.get_model_version_by_alias(MODEL, "champion").version
     if champion == trained.version:  # the server must restart on a champion that did not exist when it started
-        champion = new_version(client, trained)
+        champion = copy_version(client, trained)
         deploy(client, urls, champion)
     assert served_version(urls["model_url"]) == champion
     old = st.children["model-server"]
@@ -439,7 +420,7 @@ def test_killed_model_server_is_restarted_on_the_current_champion(stack, client,
 def test_deployments_process_killed_mid_deploy_then_reconciler_finishes_it(stack, client, trained):
     st, urls, env = stack
     before = served_version(urls["model_url"])
-    vd = new_version(client, trained)
+    vd = copy_version(client, trained)
     since = _now()
     client.set_registered_model_alias(MODEL, "champion", vd)
 
@@ -490,7 +471,7 @@ def test_secret_rotation_keeps_webhooks_flowing(stack, client, trained):
     assert guessed.status_code == 401
     # MLflow signs with the new secret: a real alias move right after the rotation still deploys, by its webhook.
     mlflow_signs_with_the_new_secret(client, trained)
-    ve = new_version(client, trained)
+    ve = copy_version(client, trained)
     deploy(client, urls, ve)
     tags = _wait(f"v{ve}'s ledger tags", lambda: client.get_model_version(MODEL, ve).tags.get("deploy_outcome") and
                  client.get_model_version(MODEL, ve).tags)  # fmt: skip
@@ -507,7 +488,7 @@ def mlflow_signs_with_the_new_secret(client, trained) -> None:
         hook = client.create_webhook(name=f"probe-{uuid.uuid4().hex[:6]}", url=probe.url, secret="probe",
                                      events=["model_version_alias.created"], status="ACTIVE")  # fmt: skip
         try:
-            version = new_version(client, trained, name=INTRUDER)
+            version = copy_version(client, trained, name=INTRUDER)
 
             def delivered():
                 client.set_registered_model_alias(INTRUDER, "probe", version)
@@ -546,7 +527,7 @@ def test_drift_while_a_retraining_runs_schedules_no_second_one(stack, client, tr
         run_cli([str(BIN / "prefect"), "deployment", "run", "check-drift/cron", "-p", f"model_name={MODEL}",
                  "-p", f"current_uri={current}", "--watch"], env, timeout=400)  # fmt: skip
         assert state_of(run["id"]) == "RUNNING"
-        verdict = json.loads(client.get_registered_model(MODEL).tags["last_drift"])
+        verdict = json.loads(client.get_registered_model(MODEL).tags["last_drift_json"])
         assert verdict["dataset_drift"] is True and verdict["retrain"] is False, verdict
         assert any("in flight" in r for r in verdict["reasons"]), verdict["reasons"]
         # The sentinel: the verdict's own event, which check-drift emits after any retraining event it sent.

@@ -24,7 +24,7 @@ from flywheel.cli.precheck import check_train_input
 from flywheel.cli.tracebacks import PREFECT_RUN_LOGGERS, UserErrorTracebackFilter, hide_user_error_tracebacks
 from flywheel.core.spec import SpecError
 from flywheel.tasks.data import DataSourceError, window
-from flywheel.tasks.training import ModelSpecError
+from flywheel.tasks.model_specs import ModelSpecError
 from flywheel.tasks.validation import DataValidationError
 
 FEATURES = ["mean_radius", "mean_texture", "mean_area"]

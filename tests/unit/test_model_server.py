@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from serving_models import expected, records_json, register_two_versions, wait_until
+from serving_models import expected, records_json, registry_fixtures, wait_until
 from starlette.testclient import TestClient
 
 from flywheel.serving.__main__ import _parser
@@ -26,16 +26,7 @@ AUTH = {"Authorization": f"Bearer {ADMIN}"}
 
 
 # --------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory, january):
-    """Two registered versions of a ColumnTransformer(OneHotEncoder) + LogisticRegression pipeline."""
-    return register_two_versions(tmp_path_factory.mktemp("model-server"), january, MODEL)
-
-
-@pytest.fixture(scope="module")
-def rows(january) -> pd.DataFrame:
-    """Rows as clients send them: the features plus columns the model ignores (event time, target, weather)."""
-    return january.sample(n=40, random_state=7).reset_index(drop=True)
+registry, rows = registry_fixtures(MODEL)
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import skops.io
-from sklearn.datasets import load_breast_cancer, load_diabetes
+from sklearn.datasets import load_breast_cancer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
 from flywheel.core.spec import DatasetSpec
-from flywheel.tasks import registry, training
+from flywheel.tasks import model_specs, registry, training
 from flywheel.tasks.evaluation import evaluate_model
-from flywheel.tasks.training import ModelSpec, ModelSpecError, build_pipeline, load_model_specs, train_model
+from flywheel.tasks.model_specs import ModelSpec, ModelSpecError, load_model_specs
+from flywheel.tasks.training import build_pipeline, train_model
 
 SEED = 42
 lightgbm = pytest.importorskip("lightgbm")
@@ -31,16 +32,6 @@ def cancer() -> tuple[pd.DataFrame, DatasetSpec]:
     frame = load_breast_cancer(as_frame=True).frame
     spec = DatasetSpec(
         name="cancer", source="unused.csv", target="target", task="binary", positive_class=1,
-        numeric=[c for c in frame.columns if c != "target"],
-    )  # fmt: skip
-    return frame, spec
-
-
-@pytest.fixture(scope="module")
-def diabetes() -> tuple[pd.DataFrame, DatasetSpec]:
-    frame = load_diabetes(as_frame=True).frame
-    spec = DatasetSpec(
-        name="diabetes", source="unused.csv", target="target", task="regression",
         numeric=[c for c in frame.columns if c != "target"],
     )  # fmt: skip
     return frame, spec
@@ -137,9 +128,9 @@ def test_xgboost_regressor_by_class_path(tmp_path, diabetes):
 )
 def test_class_path_estimators_must_fit_the_task(task, fits, wrong, message):
     """By scikit-learn's estimator tags: a regressor for regression, a classifier for binary and multiclass."""
-    assert training.model_specs_from([{"estimator": fits}], task)[0].class_path == fits
+    assert model_specs.model_specs_from([{"estimator": fits}], task)[0].class_path == fits
     with pytest.raises(ModelSpecError, match=message):
-        training.model_specs_from([{"estimator": wrong}], task)
+        model_specs.model_specs_from([{"estimator": wrong}], task)
 
 
 @pytest.mark.parametrize(
@@ -153,15 +144,15 @@ def test_class_path_estimators_must_fit_the_task(task, fits, wrong, message):
 )
 def test_unknown_parameters_and_names_are_refused(path, params, message):
     with pytest.raises(ModelSpecError, match=message):
-        training.model_specs_from([{"estimator": path, "params": params}], "binary")
+        model_specs.model_specs_from([{"estimator": path, "params": params}], "binary")
 
 
 def test_native_parameters_of_kwargs_estimators_pass_through():
-    [spec] = training.model_specs_from(
+    [spec] = model_specs.model_specs_from(
         [{"estimator": "lightgbm.LGBMClassifier", "params": {"min_data_in_leaf": 5, "colsample_bynode": 0.8}}],
         "binary",
     )
-    assert training.resolve_estimator(spec) is lightgbm.LGBMClassifier
+    assert model_specs.resolve_estimator(spec) is lightgbm.LGBMClassifier
 
 
 def test_own_estimator_class_next_to_the_params_file(tmp_path, cancer):
@@ -223,7 +214,7 @@ def test_candidates_parameter_looks_in_the_working_directory(tmp_path, monkeypat
     _, spec = cancer
     write(tmp_path, "features.py", FEATURES)
     monkeypatch.chdir(tmp_path)
-    specs = training.resolve_model_specs(
+    specs = model_specs.resolve_model_specs(
         None, [{"factory": "features:estimator"}, {"factory": "features:pipeline"}], "binary", dataset=spec
     )
     assert [s.name for s in specs] == ["features.estimator", "features.pipeline"]  # unnamed: module.function

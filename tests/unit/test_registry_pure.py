@@ -12,8 +12,9 @@ import skops.io
 
 from flywheel.core.spec import DatasetSpec
 from flywheel.tasks import registry
+from flywheel.tasks.model_specs import ModelSpec
 from flywheel.tasks.registry import RegistryUnavailableError, check_tracking_server
-from flywheel.tasks.training import ModelSpec, build_pipeline
+from flywheel.tasks.training import build_pipeline
 
 
 def closed_port() -> int:

@@ -22,22 +22,11 @@ def test_the_bare_steps_are_the_flow_tasks_own_functions():
     assert bare.promote is gate.promote_version and flow_steps.promote is gate.promote
 
 
-def test_the_flows_composition_runs_without_prefect(tmp_path, monkeypatch):
-    import mlflow
-    from mlflow import MlflowClient
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        client = MlflowClient(uri)
-        client.create_experiment("flywheel", artifact_location=str(tmp_path / "artifacts"))  # nothing in the cwd
-        logger = logging.getLogger("test.train")
-        first = run_train(TrainSteps().bare(), logger, start=WEEK[0], end=WEEK[1], model_name="bare-model")
-        again = run_train(TrainSteps().bare(), logger, start=WEEK[0], end=WEEK[1], model_name="bare-model")
-    finally:
-        mlflow.set_tracking_uri(previous)
+def test_the_flows_composition_runs_without_prefect(sqlite_mlflow):
+    client = sqlite_mlflow
+    logger = logging.getLogger("test.train")
+    first = run_train(TrainSteps().bare(), logger, start=WEEK[0], end=WEEK[1], model_name="bare-model")
+    again = run_train(TrainSteps().bare(), logger, start=WEEK[0], end=WEEK[1], model_name="bare-model")
 
     assert first["status"] == "registered" and first["promoted"], first
     assert [c["name"] for c in first["candidates"]] == ["hgb"] and first["window"] == WEEK

@@ -13,25 +13,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.datasets import load_diabetes
 from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
 from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge
 
 from flywheel.core.spec import DatasetSpec
-from flywheel.tasks import candidates, training
+from flywheel.tasks import candidates, model_specs, training
 from flywheel.tasks.evaluation import evaluate_model
-from flywheel.tasks.training import (
+from flywheel.tasks.model_specs import (
     ModelSpec,
     ModelSpecError,
-    build_pipeline,
     default_model_spec,
-    feature_frame,
     load_model_specs,
-    positive_label,
     resolve_estimator,
-    split_dataset,
-    train_model,
 )
+from flywheel.tasks.training import build_pipeline, feature_frame, positive_label, split_dataset, train_model
 
 SEED = 42
 
@@ -293,16 +288,6 @@ def test_unseen_and_missing_values_are_tolerated(flights_model, january_split):
 
 
 # --------------------------------------------------------------------------------------------------- model: regression
-@pytest.fixture(scope="module")
-def diabetes() -> tuple[pd.DataFrame, DatasetSpec]:
-    df = load_diabetes(as_frame=True).frame
-    spec = DatasetSpec(
-        name="diabetes", source="unused.csv", target="target", task="regression",
-        numeric=[c for c in df.columns if c != "target"],
-    )  # fmt: skip
-    return df, spec
-
-
 @pytest.mark.parametrize(
     "model",
     [
@@ -355,15 +340,15 @@ def test_candidate_names_must_be_unique(tmp_path):
 
 def test_candidates_parameter_or_params_file(tmp_path):
     items = [{"name": "lr", "estimator": "logistic_regression"}, ModelSpec(name="rf", estimator="random_forest")]
-    assert [s.name for s in training.resolve_model_specs(None, items, "binary")] == ["lr", "rf"]
-    assert training.resolve_model_specs(None, None, "binary") == [default_model_spec("binary")]
-    assert [s.name for s in training.resolve_model_specs(CANDIDATES_FILE, None, "binary")] == ["logreg", "hgb", "rf"]
+    assert [s.name for s in model_specs.resolve_model_specs(None, items, "binary")] == ["lr", "rf"]
+    assert model_specs.resolve_model_specs(None, None, "binary") == [default_model_spec("binary")]
+    assert [s.name for s in model_specs.resolve_model_specs(CANDIDATES_FILE, None, "binary")] == ["logreg", "hgb", "rf"]
     with pytest.raises(ModelSpecError, match="either a params file or a candidates list"):
-        training.resolve_model_specs(CANDIDATES_FILE, items, "binary")
+        model_specs.resolve_model_specs(CANDIDATES_FILE, items, "binary")
     with pytest.raises(ModelSpecError, match="unknown estimator 'nope'"):
-        training.resolve_model_specs(None, [{"estimator": "ridge"}, {"estimator": "nope"}], "regression")
+        model_specs.resolve_model_specs(None, [{"estimator": "ridge"}, {"estimator": "nope"}], "regression")
     with pytest.raises(ModelSpecError, match="non-empty list"):
-        training.resolve_model_specs(None, [], "binary")
+        model_specs.resolve_model_specs(None, [], "binary")
 
 
 @pytest.mark.parametrize(
@@ -376,26 +361,26 @@ def test_candidates_parameter_or_params_file(tmp_path):
     ],  # fmt: skip
 )
 def test_selection_metric_defaults_and_settings(task, configured, expected):
-    assert training.selection_metric(task, configured) == expected
+    assert model_specs.selection_metric(task, configured) == expected
 
 
 @pytest.mark.parametrize(("task", "configured"), [("binary", "rmse"), ("regression", "f1"), ("binary", "loss")])
 def test_selection_metric_must_fit_the_task(task, configured):
     with pytest.raises(ModelSpecError, match=f"'{configured}' is not a {task} metric"):
-        training.selection_metric(task, configured)
+        model_specs.selection_metric(task, configured)
 
 
 def test_candidate_set_hash_covers_the_set_not_names_or_order():
     lr = ModelSpec(name="lr", estimator="logistic_regression", params={"C": 1.0})
     rf = ModelSpec(name="rf", estimator="random_forest", params={"n_estimators": 10})
-    assert training.candidate_set_hash([lr], "f1") == lr.params_hash()  # single-model lineage is unchanged
-    pair = training.candidate_set_hash([lr, rf], "f1")
+    assert model_specs.candidate_set_hash([lr], "f1") == lr.params_hash()  # single-model lineage is unchanged
+    pair = model_specs.candidate_set_hash([lr, rf], "f1")
     assert len(pair) == 16 and pair not in {lr.params_hash(), rf.params_hash()}
-    assert training.candidate_set_hash([rf.model_copy(update={"name": "forest"}), lr], "f1") == pair
-    assert training.candidate_set_hash([lr, rf], "roc_auc") != pair  # another metric can pick another winner
+    assert model_specs.candidate_set_hash([rf.model_copy(update={"name": "forest"}), lr], "f1") == pair
+    assert model_specs.candidate_set_hash([lr, rf], "roc_auc") != pair  # another metric can pick another winner
     bigger = rf.model_copy(update={"params": {"n_estimators": 20}})
-    assert training.candidate_set_hash([lr, bigger], "f1") != pair
-    assert training.candidate_set_hash([lr, rf, bigger], "f1") != pair
+    assert model_specs.candidate_set_hash([lr, bigger], "f1") != pair
+    assert model_specs.candidate_set_hash([lr, rf, bigger], "f1") != pair
 
 
 def _result(name, error=None, **metrics):

@@ -17,7 +17,7 @@ from palmerpenguins import load_penguins
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris, load_wine
 
 from flywheel.core.spec import DatasetSpec, GateSpec, SpecError, load_spec
-from flywheel.tasks import evaluation, registry, training, validation
+from flywheel.tasks import evaluation, model_specs, registry, training, validation
 from flywheel.tasks.gate import GateThresholds, promotion_gate, thresholds_from_settings
 from flywheel.tasks.validation import DataValidationError, labelled_rows, validate_dataset
 
@@ -53,7 +53,7 @@ def penguin_model(penguins, penguin_spec):
     """The default multiclass model on the labelled penguins, and the model as it is logged (raw-input step first)."""
     labelled = labelled_rows(penguins, penguin_spec)
     parts = training.split_dataset(labelled, penguin_spec, seed=SEED)
-    fitted = training.train_model(parts, penguin_spec, training.default_model_spec("multiclass"), SEED)
+    fitted = training.train_model(parts, penguin_spec, model_specs.default_model_spec("multiclass"), SEED)
     return labelled, parts, fitted, training.servable_model(fitted, labelled, penguin_spec)
 
 
@@ -113,13 +113,10 @@ def test_binary_table_with_blank_labels():
     assert 0.3 < report.positive_share < 0.45 and report.positive_share == pytest.approx(labelled["malignant"].mean())
 
 
-def test_a_training_run_states_the_rows_it_left_out(penguins, penguin_spec, tmp_path, monkeypatch, fresh_settings):
+def test_a_training_run_states_the_rows_it_left_out(penguins, penguin_spec, tmp_path, sqlite_mlflow, fresh_settings):
     """The train flow's composition (without Prefect, on a SQLite registry): rows without a label are dropped
     after validation, counted in the result, the parent run's params and the version's tags; the data hash is of
     the labelled rows, so a table that only gains unlabeled rows trains nothing new."""
-    import mlflow
-    from mlflow import MlflowClient
-
     from flywheel.flows.train import TrainSteps, run_train
     from flywheel.tasks.data import data_hash, pull_dataset
 
@@ -128,20 +125,12 @@ def test_a_training_run_states_the_rows_it_left_out(penguins, penguin_spec, tmp_
     spec_path = tmp_path / "penguins.yaml"
     spec_path.write_text(yaml.safe_dump({**penguin_spec.model_dump(exclude={"gate"}), "source": str(data)}))
     trained_on = labelled_rows(pull_dataset(load_spec(spec_path)), penguin_spec)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        client = MlflowClient(uri)
-        client.create_experiment("flywheel", artifact_location=str(tmp_path / "artifacts"))
-        log = logging.getLogger("test.user_tables")
-        result = run_train(TrainSteps().bare(), log, spec_path=str(spec_path), model_name="penguins")
-        more = pd.concat([penguins, penguins.head(5).assign(species=np.nan)], ignore_index=True)
-        more.to_csv(data, index=False)
-        again = run_train(TrainSteps().bare(), log, spec_path=str(spec_path), model_name="penguins")
-    finally:
-        mlflow.set_tracking_uri(previous)
+    client = sqlite_mlflow
+    log = logging.getLogger("test.user_tables")
+    result = run_train(TrainSteps().bare(), log, spec_path=str(spec_path), model_name="penguins")
+    more = pd.concat([penguins, penguins.head(5).assign(species=np.nan)], ignore_index=True)
+    more.to_csv(data, index=False)
+    again = run_train(TrainSteps().bare(), log, spec_path=str(spec_path), model_name="penguins")
 
     blanks = int(len(penguins) * 0.15)
     assert result["status"] == "registered" and result["promoted"], result
@@ -222,7 +211,7 @@ def _log_kwargs(labelled, parts, fitted, spec) -> dict:
     from flywheel.tasks.candidates import CandidateResult
     from flywheel.tasks.training_run import TrainingPlan
 
-    model_spec = training.default_model_spec("multiclass")
+    model_spec = model_specs.default_model_spec("multiclass")
     best = CandidateResult("hgb", model_spec, evaluation.evaluate_model(fitted, parts.X_test, parts.y_test, spec),
                            None, model=fitted)  # fmt: skip
     plan = TrainingPlan("penguins-unit", spec, [model_spec], "f1_macro", "p", None, None)
@@ -283,7 +272,7 @@ def test_integer_columns_of_a_sklearn_table(tmp_path):
     numeric = [c for c in df.columns if c not in ("benign", "grade", "worst radius")]
     spec = DatasetSpec(source="x", target="benign", positive_class=1, numeric=numeric, categorical=["grade"])
     parts = training.split_dataset(df, spec, seed=SEED)
-    fitted = training.train_model(parts, spec, training.ModelSpec(estimator="logistic_regression",
+    fitted = training.train_model(parts, spec, model_specs.ModelSpec(estimator="logistic_regression",
                                                                   params={"max_iter": 2000}), SEED)  # fmt: skip
     served = training.servable_model(fitted, df, spec)
     with _use_tracking_uri(f"sqlite:///{tmp_path}/m.db"):
@@ -347,7 +336,7 @@ def test_multiclass_trains_and_reports_its_metrics(loader):
     spec = DatasetSpec(source="x", target="target", task="multiclass", numeric=list(df.columns[:-1]))
     parts = training.split_dataset(df, spec, seed=SEED)
     assert parts.y_test.value_counts().min() >= 9  # stratified
-    model = training.train_model(parts, spec, training.default_model_spec("multiclass"), SEED)
+    model = training.train_model(parts, spec, model_specs.default_model_spec("multiclass"), SEED)
     metrics = evaluation.evaluate_model(model, parts.X_test, parts.y_test, spec)
     keys = {f"{m}_{evaluation.class_keys([c])[c]}" for c in loader().target_names for m in ("precision", "recall")}
     assert {"accuracy", "f1_macro", "f1_weighted", "roc_auc_ovr"} | keys == set(metrics)
@@ -374,11 +363,11 @@ def test_multiclass_metrics_by_hand_and_class_keys():
 
 
 def test_multiclass_selection_metric_and_default_model():
-    assert training.selection_metric("multiclass") == "f1_macro"
-    assert training.selection_metric("multiclass", "ACCURACY") == "accuracy"
-    with pytest.raises(training.ModelSpecError, match="'f1' is not a multiclass metric"):
-        training.selection_metric("multiclass", "f1")
-    assert training.default_model_spec("multiclass").estimator == "gradient_boosting"
+    assert model_specs.selection_metric("multiclass") == "f1_macro"
+    assert model_specs.selection_metric("multiclass", "ACCURACY") == "accuracy"
+    with pytest.raises(model_specs.ModelSpecError, match="'f1' is not a multiclass metric"):
+        model_specs.selection_metric("multiclass", "f1")
+    assert model_specs.default_model_spec("multiclass").estimator == "gradient_boosting"
 
 
 def test_multiclass_confusion_figure(penguin_model):
@@ -430,7 +419,7 @@ def imbalanced():
     df = df.assign(high=(df["target"] > 275).astype(int)).drop(columns="target")
     spec = DatasetSpec(source="x", target="high", positive_class=1, numeric=[c for c in df.columns if c != "high"])
     parts = training.split_dataset(df, spec, seed=SEED)
-    lr = training.ModelSpec(estimator="logistic_regression", params={"max_iter": 1000, "class_weight": "balanced"})
+    lr = model_specs.ModelSpec(estimator="logistic_regression", params={"max_iter": 1000, "class_weight": "balanced"})
     model = training.train_model(parts, spec, lr, SEED)
     return spec, parts, evaluation.evaluate_model(model, parts.X_test, parts.y_test, spec, 1)
 
@@ -466,7 +455,7 @@ def test_regression_must_beat_the_mean_by_a_relative_margin():
     df = sklearn_frame(load_diabetes)
     spec = DatasetSpec(source="x", target="target", task="regression", numeric=list(df.columns[:-1]))
     parts = training.split_dataset(df, spec, seed=SEED)
-    model = training.train_model(parts, spec, training.default_model_spec("regression"), SEED)
+    model = training.train_model(parts, spec, model_specs.default_model_spec("regression"), SEED)
     metrics = evaluation.evaluate_model(model, parts.X_test, parts.y_test, spec)
     baseline = evaluation.baseline_metrics(parts.X_train, parts.y_train, parts.X_test, parts.y_test, spec)
     assert metrics["rmse"] < baseline["rmse"] * 0.98
@@ -534,7 +523,7 @@ def test_the_wine_table_as_binary_keeps_working():
     df["target"] = (df["target"] == 0).astype(int)
     spec = DatasetSpec(source="x", target="target", positive_class=1, numeric=list(df.columns[:-1]))
     parts = training.split_dataset(df, spec, seed=SEED)
-    model = training.train_model(parts, spec, training.default_model_spec("binary"), SEED)
+    model = training.train_model(parts, spec, model_specs.default_model_spec("binary"), SEED)
     metrics = evaluation.evaluate_model(model, parts.X_test, parts.y_test, spec, 1)
     assert set(metrics) == {"accuracy", "precision", "recall", "f1", "roc_auc"} and metrics["f1"] > 0.9
     assert validation.validate_dataset(df, spec, min_rows=100).rows_unlabeled == 0
