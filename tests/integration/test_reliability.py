@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
-from stacks import Receiver, copy_version, run_cli, running_stack, wait_for
+from stacks import Receiver, copy_version, ledger_rows, run_cli, running_stack, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
@@ -71,15 +71,6 @@ def events(urls, names: list[str], since: dt.datetime) -> list[dict]:
     body = {"filter": {"occurred": {"since": _iso(since), "until": _iso(_now() + dt.timedelta(minutes=5))},
                        "event": {"name": names}}, "limit": 50}  # fmt: skip
     return api(urls, "POST", "/events/filter", json=body)["events"]
-
-
-def ledger_rows(urls) -> list[dict]:
-    found = api(urls, "POST", "/artifacts/latest/filter",
-                json={"artifacts": {"key": {"any_": [f"deployments-{MODEL}"]}}, "limit": 1})  # fmt: skip
-    if not found:
-        return []
-    data = found[0]["data"]
-    return json.loads(data) if isinstance(data, str) else data
 
 
 def terminal(run: dict) -> bool:
@@ -326,7 +317,7 @@ def test_two_alias_moves_within_a_second_end_on_the_last_and_never_overlap(stack
     # vA never served; vB is in the ledger exactly once as serving. (The run for vA's event deploys vB, the alias'
     # target by then; deploy-model writes no ledger row for a superseded move.)
     assert client.get_model_version(MODEL, va).tags.get("deploy_outcome") != "serving"
-    rows = [r for r in ledger_rows(urls) if _parse(r["started_at"]) >= since.replace(microsecond=0)]
+    rows = [r for r in ledger_rows(urls, MODEL) if _parse(r["started_at"]) >= since.replace(microsecond=0)]
     assert [(r["version"], r["outcome"]) for r in rows] == [(vb, "serving")], rows
     # Deployments of one model/alias never overlap: the lock-protected parts (resolve-version → end) are disjoint.
     spans = critical_sections(urls, runs)
@@ -382,7 +373,7 @@ def test_replayed_webhook_and_reconciler_together_deploy_once(stack, client, tra
     # The sentinel: every champion move event that reached Prefect (MLflow's, the replayed delivery's and the
     # reconciler's own, if it sent one: its run has finished) has become a deploy-model run, and all have finished.
     runs = _wait("a finished deploy-model run for every alias event", lambda: every_alias_event_ran(urls, since))
-    rows = [r for r in ledger_rows(urls) if r["version"] == vc]
+    rows = [r for r in ledger_rows(urls, MODEL) if r["version"] == vc]
     assert [(r["version"], r["outcome"]) for r in rows] == [(vc, "serving")], rows
     deploy_artifacts = api(urls, "POST", "/artifacts/filter",
                            json={"artifacts": {"key": {"any_": [f"deploy-{MODEL}"]}}, "limit": 200})  # fmt: skip
@@ -669,7 +660,7 @@ def test_no_credentials_leak_anywhere(stack, client, trained):
     places["prefect artifacts"] = json.dumps(api(urls, "POST", "/artifacts/filter", json={"limit": 200}))
     places["prefect logs"] = json.dumps(api(urls, "POST", "/logs/filter", json={"limit": 200}))
     places["prefect flow runs"] = json.dumps(api(urls, "POST", "/flow_runs/filter", json={"limit": 200}))
-    places["ledger"] = json.dumps(ledger_rows(urls))
+    places["ledger"] = json.dumps(ledger_rows(urls, MODEL))
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=500)
     places["mlflow runs"] = json.dumps([{"params": r.data.params, "tags": r.data.tags} for r in runs])
     models = client.search_registered_models()
