@@ -4,10 +4,12 @@ scikit-learn are already imported, instead of waiting for a runner poll and a fr
 Each run stays a real Prefect flow run of its deployment: created by the alias trigger (or `prefect deployment
 run`), with its logs, states, artifact and heartbeats. The executor only changes who starts it:
 
-- it subscribes to `prefect.flow-run.Scheduled` events of the deployment (and sweeps the Scheduled runs every
-  `SWEEP_SECONDS` in case an event was missed) and claims a due run by proposing Pending, exactly as Prefect's
-  runner does; the server accepts one Pending proposal, so the runner that also serves the deployment (the
-  fallback) and the executor never both run it;
+- it subscribes to `prefect.flow-run.Scheduled` events of the deployment and to the alias events whose trigger
+  creates them (after one it reads the Scheduled runs every BURST_SECONDS for a few seconds; otherwise every
+  `SWEEP_SECONDS`, in case an event was missed) and claims a due run by proposing Pending, exactly as Prefect's
+  runner does (the server accepts one Pending proposal). Prefect's runner in the same process does not serve these
+  deployments (deployments/serve.py applies them itself): it would race the executor for a run and, when it won,
+  start it in a cold interpreter;
 - it runs the claimed run with `prefect.flow_engine.run_flow(flow, flow_run=…)` on a thread of this process
   (threads, never a fork: Prefect's engine deadlocks in a forked child, PrefectHQ/prefect#16802). Runs of
   different aliases run side by side; the flow's own lock keeps moves of one model and alias in series.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,7 +37,18 @@ logger = logging.getLogger("flywheel.executor")
 WARM_DEPLOYMENTS = ("deploy-model/on-alias", "rollback/manual", "reconcile/every-minute")
 SWEEP_SECONDS = 5.0  # the Scheduled runs are read this often too, for an event the subscription missed
 SCHEDULED_EVENT = "prefect.flow-run.Scheduled"
-GRACE_SECONDS = 1.0  # an alias found behind is looked at again after this: the webhook's run may be on its way
+# An alias event means a deploy-model run is about to be created by the trigger (Prefect's server evaluates it:
+# 0.3-3 s). From the event on, the Scheduled runs are read every BURST_SECONDS for BURST_WINDOW_SECONDS, so the run
+# is claimed the moment it exists even when its Scheduled event comes late or not at all (the 5 s sweep was the
+# wait seen in bench/latency's "flow run started" stage).
+BURST_SECONDS = 0.2
+BURST_WINDOW_SECONDS = 8.0
+GRACE_SECONDS = 0.5  # an alias found behind is looked at again after this: the webhook's run may be on its way
+# Imported once at start (flywheel.core.imports), off the claim path: the first deployment's packaging compiles
+# (skl2onnx, onnx, onnxruntime) and reads the model (mlflow.pyfunc, sklearn), ~20 s of cold imports on a busy machine.
+DEPLOY_IMPORTS = ("prefect.flow_engine", "mlflow.pyfunc", "mlflow.sklearn", "mlflow.models.flavor_backend_registry",
+                "sklearn.pipeline", "sklearn.compose", "sklearn.ensemble", "pyarrow.parquet", "skl2onnx", "onnx",
+                "onnxruntime", "flywheel.tasks.compiling.convert", "flywheel.tasks.rollout")  # fmt: skip
 STAGE_CHECK_SECONDS = 60.0  # how often the watch looks for versions moved to the legacy Production stage
 RECENT_EVENT_SECONDS = 30.0  # an alias event this recent for the same move is still on its way to a run
 
@@ -53,6 +67,8 @@ class WarmExecutor:
         self.pool = ThreadPoolExecutor(max_workers=max_runs, thread_name_prefix="warm-run")
         self.claimed: set[UUID] = set()
         self.stopping = threading.Event()
+        self.wake = threading.Event()  # set by an alias event: sweep now, then every BURST_SECONDS for a while
+        self.burst_until = 0.0
         self.ran = 0
 
     # ------------------------------------------------------------------------------------------- discovery
@@ -65,48 +81,41 @@ class WarmExecutor:
                     logger.debug("deployment %s not there yet: %s", full_name, exc)
 
     def _due_scheduled(self, client) -> list:
-        from prefect.client.schemas.filters import (
-            DeploymentFilter,
-            DeploymentFilterId,
-            FlowRunFilter,
-            FlowRunFilterNextScheduledStartTime,
-            FlowRunFilterState,
-            FlowRunFilterStateType,
-        )
-        from prefect.client.schemas.objects import StateType
-
+        """The due Scheduled runs of the deployments, read the way Prefect's runner reads them (this call also
+        marks the deployments Ready in the UI: the executor is what serves them)."""
         if not self.deployment_ids:
             return []
-        return client.read_flow_runs(
-            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=list(self.deployment_ids))),
-            flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
-                next_scheduled_start_time=FlowRunFilterNextScheduledStartTime(
-                    before_=datetime.now(UTC) + timedelta(seconds=1)
-                ),
-            ),
+        return client.get_scheduled_flow_runs_for_deployments(
+            deployment_ids=list(self.deployment_ids), scheduled_before=datetime.now(UTC) + timedelta(seconds=1),
             limit=20,
-        )
+        )  # fmt: skip
 
-    def sweep(self) -> None:
+    def sweep(self, client=None) -> None:
         """Claim every due Scheduled run of the deployments (the events' backstop, and the first look)."""
-        from prefect.client.orchestration import get_client
+        if client is None:
+            from prefect.client.orchestration import get_client
 
-        with get_client(sync_client=True) as client:
-            self._resolve_deployments(client)
-            for run in self._due_scheduled(client):
-                self.submit(run.id)
+            with get_client(sync_client=True) as client:
+                return self.sweep(client)
+        self._resolve_deployments(client)
+        for run in self._due_scheduled(client):
+            self.submit(run.id)
 
     async def _subscribe(self) -> None:
         from prefect.events.clients import get_events_subscriber
         from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
 
+        from flywheel.core.events import ALIAS_EVENT
+
         while not self.stopping.is_set():
             try:
                 since = EventOccurredFilter(since=datetime.now(UTC) - timedelta(seconds=5))
-                flt = EventFilter(event=EventNameFilter(name=[SCHEDULED_EVENT]), occurred=since)
+                flt = EventFilter(event=EventNameFilter(name=[SCHEDULED_EVENT, ALIAS_EVENT]), occurred=since)
                 async with get_events_subscriber(filter=flt, reconnect_on_clean_close=True) as subscriber:
                     async for event in subscriber:
+                        if event.event == ALIAS_EVENT:  # its deploy-model run is on the way: look out for it
+                            self.expect_run()
+                            continue
                         related = {r.id for r in event.related}
                         if any(f"prefect.deployment.{d}" in related for d in self.deployment_ids):
                             self.submit(UUID(event.resource.id.removeprefix("prefect.flow-run.")))
@@ -141,7 +150,9 @@ class WarmExecutor:
                     logger.info("flow run %s not claimed: %s", flow_run_id, state.type.value if state else "-")
                     return
                 run = client.read_flow_run(flow_run_id)
-            logger.info("running flow run %s (%s) warm", run.name, full_name)
+            since = (datetime.now(UTC) - run.created).total_seconds() if run.created else float("nan")
+            logger.info("running flow run %s (%s) warm, claimed %.2f s after it was created", run.name, full_name,
+                        since)  # fmt: skip
             final = run_flow(self.flows[full_name], flow_run=run, return_type="state")
             self.ran += 1
             logger.info("flow run %s ended %s", run.name, getattr(final, "type", final))
@@ -150,31 +161,60 @@ class WarmExecutor:
         finally:
             self.claimed.discard(flow_run_id)
 
+    def expect_run(self, seconds: float = BURST_WINDOW_SECONDS) -> None:
+        """A run of a warm deployment is about to be created (an alias event, a run started by the alias watch):
+        sweep at once and then every BURST_SECONDS for `seconds`."""
+        self.burst_until = max(self.burst_until, time.monotonic() + seconds)
+        self.wake.set()
+
     def serve_forever(self) -> None:
         """Subscribe on one thread, sweep on this one, until `stop()`."""
+        from prefect.client.orchestration import get_client
+
         threading.Thread(target=lambda: asyncio.run(self._subscribe()), name="warm-events", daemon=True).start()
         while not self.stopping.is_set():
-            try:
-                self.sweep()
+            try:  # one client while the server answers (a burst reads every BURST_SECONDS)
+                with get_client(sync_client=True) as client:
+                    while not self.stopping.is_set():
+                        self.sweep(client)
+                        bursting = time.monotonic() < self.burst_until
+                        self.wake.wait(BURST_SECONDS if bursting else self.sweep_seconds)
+                        self.wake.clear()
             except Exception as exc:  # noqa: BLE001 - the Prefect server may be restarting
                 logger.warning("sweep failed: %s", exc)
-            self.stopping.wait(self.sweep_seconds)
+                self.stopping.wait(self.sweep_seconds)
 
     def stop(self) -> None:
         self.stopping.set()
+        self.wake.set()
+
+
+DEPLOY_DEPLOYMENT = "deploy-model/on-alias"
+
+
+def start_deploy_run(name: str, alias: str, version: str) -> str:
+    """A `deploy-model/on-alias` run for a move the alias watch found (trigger `reconciler`), created directly: the
+    alias event's trigger, evaluated by Prefect's server, took 0.5-7 s to create the run on a busy machine. The run
+    is the same flow run in the UI, with its logs, states and ledger row; its name."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(DEPLOY_DEPLOYMENT, parameters={"name": name, "version": str(version), "alias": alias,
+                                                        "trigger": "reconciler"}, timeout=0)  # fmt: skip
+    return run.name
 
 
 class AliasWatch:
     """The reconciler's periodic check without a flow run: every `interval` seconds compare each watched alias
-    with what its target serves; only when they differ (and no deployment is in flight) emit the alias event the
-    bridge would, which starts a `deploy-model` run, or start a `reconcile` run for a version moved to the legacy
-    Production stage. A difference must still be there `grace` seconds later, and no alias event for that move may
+    with what its target serves; only when they differ (and no deployment is in flight) start a `deploy-model` run
+    for the alias' version (`start_deploy_run`), or a `reconcile` run for a version moved to the legacy Production
+    stage. A difference must still be there `grace` seconds later, and no alias event for that move may
     have reached Prefect in the last RECENT_EVENT_SECONDS: a move made a moment ago has its webhook's run on the way
     (emit → run created takes 0.5–1 s, seconds on a busy machine). `reconcile/every-minute` runs by hand too."""
 
     def __init__(self, model_name: str, interval: float, reconcile_deployment: str = "reconcile/every-minute",
-                 grace: float = GRACE_SECONDS) -> None:  # fmt: skip
+                 grace: float = GRACE_SECONDS, executor: WarmExecutor | None = None) -> None:  # fmt: skip
         self.model_name = model_name
+        self.executor = executor  # told when a run is on its way, so it claims it at once
         self.grace = grace
         self.interval = interval
         self.reconcile_deployment = reconcile_deployment
@@ -183,7 +223,7 @@ class AliasWatch:
         self.actions: list[dict[str, Any]] = []
 
     def check_once(self) -> list[dict[str, Any]]:
-        from flywheel.tasks import events, reconciler, registry, runs
+        from flywheel.tasks import reconciler, registry, runs
         from flywheel.tasks.rollout import WATCHED_ALIASES
         from flywheel.tasks.serving import TargetError
 
@@ -212,15 +252,21 @@ class AliasWatch:
         ]  # fmt: skip
         if behind and not runs.deploy_in_flight(self.model_name):
             for alias, status in behind:
-                events.announce_alias_move(self.model_name, alias, status["want"], source="reconciler")
-                done.append({"alias": alias, "want": status["want"], "have": status["have"], "action": "emitted"})
-                logger.info("'%s' is v%s, v%s serves: emitted the alias event", alias, status["want"], status["have"])
+                run = start_deploy_run(self.model_name, alias, status["want"])
+                if self.executor is not None:
+                    self.executor.expect_run()
+                done.append({"alias": alias, "want": status["want"], "have": status["have"], "action": "started",
+                             "flow_run": run})  # fmt: skip
+                logger.info("'%s' is v%s, v%s serves: started deploy-model run %s", alias, status["want"],
+                            status["have"], run)  # fmt: skip
         # The legacy stage needs a search over every version: once a minute is enough for a deprecated path.
         every = max(1, round(STAGE_CHECK_SECONDS / max(self.interval, 1.0)))
         if (self.checks - 1) % every == 0 and reconciler.stage_needs_sync(client, self.model_name):
             from prefect.deployments import run_deployment
 
             run_deployment(self.reconcile_deployment, parameters={"model_name": self.model_name}, timeout=0)
+            if self.executor is not None:
+                self.executor.expect_run()
             done.append({"action": "started reconcile (legacy Production stage)"})
         self.actions.extend(done)
         return done

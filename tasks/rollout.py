@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -149,17 +149,50 @@ def served_rows(name: str, rows: int = SMOKE_ROWS) -> pd.DataFrame | None:
     return inputs.rename(columns=clashed)
 
 
-def _sample_of(client, name: str, version: str) -> pd.DataFrame | None:
-    """A version's holdout sample; None when it has none or the version is gone."""
+# What never changes for a registered version (its MLmodel's inputs, its holdout sample), read once per process: the
+# warm executor runs every deployment in one process, and these downloads were half a second of every move. The key
+# holds the version's run and source, so a model deleted and registered again (its numbers start over) is read anew.
+_PER_VERSION: dict[tuple, Any] = {}
+_PER_VERSION_MAX = 64
+
+
+def _per_version(kind: str, mv, read: Callable[[], Any]) -> Any:
+    import mlflow
+
+    key = (kind, mlflow.get_registry_uri(), mv.name, str(mv.version), mv.run_id, str(mv.source))
+    if key not in _PER_VERSION:
+        if len(_PER_VERSION) >= _PER_VERSION_MAX:
+            _PER_VERSION.pop(next(iter(_PER_VERSION)))
+        _PER_VERSION[key] = read()
+    return _PER_VERSION[key]
+
+
+def _model_version(client, name: str, version: str):
+    """The registered version; None when it is gone."""
     from mlflow.exceptions import MlflowException
 
     try:
-        mv = client.get_model_version(name, str(version))
+        return client.get_model_version(name, str(version))
     except MlflowException as exc:
         if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code):
             return None
         raise
-    return registry.find_sample(client, mv, registry.HOLDOUT_ARTIFACT)
+
+
+def _sample_of(client, name: str, version: str) -> pd.DataFrame | None:
+    """A version's holdout sample; None when it has none or the version is gone."""
+    mv = _model_version(client, name, version)
+    if mv is None:
+        return None
+    return _per_version("holdout", mv, lambda: registry.find_sample(client, mv, registry.HOLDOUT_ARTIFACT))
+
+
+def _inputs_of(client, name: str, version: str) -> registry.ModelInputs:
+    """The version's signature columns and input example (registry.model_inputs), read once per version."""
+    mv = _model_version(client, name, version)
+    if mv is None:  # gone: model_inputs says so
+        return registry.model_inputs(name, version)
+    return _per_version("inputs", mv, lambda: registry.model_inputs(name, version))
 
 
 def smoke_sources(client, name: str, version: str, champion: str | None, example) -> list[SmokeSource]:
@@ -195,7 +228,7 @@ def smoke_test(
     s = get_settings()
     t0 = time.perf_counter()
     client = registry.client()
-    inputs = registry.model_inputs(name, version)
+    inputs = _inputs_of(client, name, version)
     what, frame, missing = first_input(smoke_sources(client, name, version, champion, inputs.example))
     if frame is None:
         return serving.SmokeResult(ok=False, rows=0, error_rate=0.0, p50_ms=0.0, source="nothing",

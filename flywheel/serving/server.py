@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from flywheel.core.imports import warm_imports
 from flywheel.core.timeutil import epoch_iso
 from flywheel.serving.batching import MicroBatcher, _Job, _Outcome
 from flywheel.serving.errors import ApiError, _clip, _error_body
@@ -34,7 +35,7 @@ from flywheel.serving.metrics import _Metrics
 from flywheel.serving.parsing import json_job
 from flywheel.serving.request_log import RequestLogWriter
 from flywheel.serving.scoring import _quiet_mlflow_extra_input_warning, score_group, score_one
-from flywheel.serving.slots import Slot, _release, load_slot, model_ref
+from flywheel.serving.slots import LOAD_IMPORTS, Slot, _release, load_slot, model_ref
 from flywheel.serving.upstream import _UPSTREAM_RE
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "ModelServer"]
@@ -116,6 +117,7 @@ class ModelServer:
         self._stop.clear()
         if self.request_log is not None:
             self.request_log.start()
+        self._loader.submit(warm_imports, LOAD_IMPORTS)  # ahead of the first load, on the thread that loads
         if (self.initial_version or self.initial_alias) and self.active is None:
             self._initial_thread = threading.Thread(
                 target=self._initial_load, name="flywheel-initial-load", daemon=True

@@ -134,6 +134,7 @@ def load_slot(
                 engine, reason = load_engine(client, mv, tempfile.mkdtemp(dir=dst), enabled=compiled)
             if upstream:
                 model = _upstream_model(upstream, local)
+                reason = model.engine_reason or reason
             elif engine is not None:
                 model = LazyPyFunc(local)
             else:
@@ -166,6 +167,14 @@ def load_slot(
     except BaseException:
         _remove_dir(dst)
         raise
+
+
+# What loading a first version imports. Imported ahead (flywheel.core.imports) on the loader thread while the server
+# is idle, so the first standby load (the first champion after `flywheel up`) does not pay ~10 s of cold imports on a
+# busy machine.
+LOAD_IMPORTS = ("mlflow.pyfunc", "mlflow.sklearn", "mlflow.models", "mlflow.artifacts", "sklearn.pipeline",
+                "sklearn.compose", "sklearn.preprocessing", "sklearn.ensemble", "sklearn.linear_model",
+                "onnxruntime", "skops.io")  # fmt: skip
 
 
 def _float_columns(schema: Any) -> frozenset:

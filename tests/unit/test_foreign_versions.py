@@ -21,6 +21,7 @@ from starlette.testclient import TestClient
 from flywheel.core.settings import get_settings
 from flywheel.core.spec import load_spec
 from flywheel.tasks import ledger, monitoring, registry, rollout, serving
+from flywheel.tasks.verdicts import SMOKE_ROWS
 
 MODEL = "wine-from-a-notebook"
 ADMIN = "admin-secret"
@@ -197,7 +198,7 @@ def test_served_rows_come_before_the_input_example(target, wine):
     serve_rows(wine.drop(columns=["cultivar"]).head(120))
     result = smoke(target, "1")
     assert result.ok, result.reason
-    assert result.source == "100 rows of the latest served rows (none found: v1's holdout sample)"  # SMOKE_ROWS
+    assert result.source == f"{SMOKE_ROWS} rows of the latest served rows (none found: v1's holdout sample)"
 
 
 def test_a_version_whose_predict_raises_is_refused_for_its_predictions(target, wine):

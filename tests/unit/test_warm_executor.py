@@ -1,5 +1,5 @@
 """The alias watch of the deployments process (deployments/executor.py): quiet when aliases and serving agree, one
-alias event when they differ (and stay different past the grace), nothing while a deployment is in flight. The
+deploy-model run when they differ (and stay different past the grace), nothing while a deployment is in flight. The
 registry, the serving targets and Prefect are replaced by recorders; no server starts."""
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def world(monkeypatch):
     monkeypatch.setattr(reconciler, "stage_needs_sync", lambda client, name: rec.stage)
     monkeypatch.setattr(runs, "deploy_in_flight", lambda name: rec.in_flight)
     monkeypatch.setattr(reconciler, "alias_event_pending", lambda name, alias, version, s: rec.pending)
-    monkeypatch.setattr(events, "announce_alias_move", lambda *a, **k: rec.emitted.append((a, k)))
+    monkeypatch.setattr(events, "announce_alias_move", lambda *a, **k: pytest.fail("the watch emits no event"))
+    monkeypatch.setattr(executor, "start_deploy_run", lambda *a, **k: rec.emitted.append((a, k)) or "a-run")
     return rec
 
 
@@ -46,12 +47,12 @@ def test_in_sync_emits_nothing_and_starts_no_run(world):
     assert world.emitted == []
 
 
-def test_a_difference_that_stays_emits_the_alias_event_once(world):
+def test_a_difference_that_stays_starts_one_deploy_run(world):
     world.statuses = {"champion": {"want": "4", "have": "3", "deployed": False}, "challenger": synced("4")}
     watch = executor.AliasWatch("m", interval=10, grace=0)
     done = watch.check_once()
     assert [d["alias"] for d in done] == ["champion"]
-    assert world.emitted == [(("m", "champion", "4"), {"source": "reconciler"})]
+    assert world.emitted == [(("m", "champion", "4"), {})]  # a deploy-model run for v4, started directly
     assert world.looks == 3  # both aliases, then the one behind again after the grace
 
 
@@ -92,3 +93,40 @@ def test_the_legacy_stage_is_looked_at_once_a_minute(world, monkeypatch):
     for _ in range(12):
         watch.check_once()
     assert started == [serve.RECONCILE, serve.RECONCILE]  # checks 1 and 7 of 12, at a 10 s interval
+
+
+class Executor:
+    """What the watch tells the executor."""
+
+    def __init__(self) -> None:
+        self.expected = 0
+
+    def expect_run(self, seconds: float = 0.0) -> None:
+        self.expected += 1
+
+
+def test_the_watch_tells_the_executor_a_run_is_on_its_way_only_when_it_emitted(world):
+    world.statuses = {"champion": synced("3"), "challenger": synced("3")}
+    warm = Executor()
+    watch = executor.AliasWatch("m", interval=10, grace=0, executor=warm)
+    watch.check_once()
+    assert warm.expected == 0
+    world.statuses["champion"] = {"want": "4", "have": "3", "deployed": False}
+    watch.check_once()
+    assert warm.expected == 1 and len(world.emitted) == 1
+
+
+def test_an_expected_run_makes_the_sweep_look_at_once_and_often_for_a_while():
+    warm = executor.WarmExecutor.__new__(executor.WarmExecutor)  # no Prefect: only the burst bookkeeping
+    warm.wake, warm.burst_until = executor.threading.Event(), 0.0
+    warm.expect_run(seconds=5)
+    assert warm.wake.is_set()
+    assert warm.burst_until - executor.time.monotonic() == pytest.approx(5, abs=1)
+    warm.expect_run(seconds=1)  # a shorter window never cuts a longer one short
+    assert warm.burst_until - executor.time.monotonic() > 3
+
+
+def test_warm_imports_name_the_modules_that_are_missing():
+    from flywheel.core.imports import warm_imports
+
+    assert warm_imports(("json", "flywheel_no_such_module")) == ["flywheel_no_such_module"]
