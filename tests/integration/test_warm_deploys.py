@@ -9,9 +9,6 @@ flow run, and `reconcile/every-minute` still runs by hand.
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -19,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from stacks import running_stack, wait_for
+from stacks import copy_version, ledger_rows, run_cli, running_stack, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
@@ -45,15 +42,6 @@ def api(urls, method: str, path: str, **kwargs):
 def flow_runs(urls, flow_name: str, since: dt.datetime) -> list[dict]:
     runs = api(urls, "POST", "/flow_runs/filter", json={"flows": {"name": {"any_": [flow_name]}}, "limit": 200})
     return [r for r in runs if _parse(r["created"]) >= since]
-
-
-def ledger_rows(urls) -> list[dict]:
-    found = api(urls, "POST", "/artifacts/latest/filter",
-                json={"artifacts": {"key": {"any_": [f"deployments-{MODEL}"]}}, "limit": 1})  # fmt: skip
-    if not found:
-        return []
-    data = found[0]["data"]
-    return json.loads(data) if isinstance(data, str) else data
 
 
 def served_version(urls) -> str | None:
@@ -88,12 +76,6 @@ class ServedLog:
         self._thread.join(10)
 
 
-def run_cli(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     with running_stack(tmp_path_factory.mktemp("warm"), MODEL, FLYWHEEL_DEPLOY_WATCH_SECONDS="1",
@@ -117,17 +99,9 @@ def trained(stack, client):
     return client.get_model_version(MODEL, "1")
 
 
-def new_version(client, base) -> str:
-    """Another version of the same trained model (same run, so it carries the smoke test's held-out sample)."""
-    mv = client.create_model_version(MODEL, source=base.source, run_id=base.run_id,
-                                     tags={"copy_of": f"{base.name}/{base.version}"},
-                                     model_id=base.source.rsplit("/", 1)[-1])  # fmt: skip
-    return mv.version
-
-
 def test_five_moves_two_seconds_apart_each_serve_in_order_and_are_in_the_ledger(stack, client, trained):
     _, urls, _ = stack
-    versions = [new_version(client, trained) for _ in range(MOVES)]
+    versions = [copy_version(client, trained) for _ in range(MOVES)]
     since = _now()
     with ServedLog(urls["model_url"]) as log:
         for v in versions:
@@ -148,9 +122,13 @@ def test_five_moves_two_seconds_apart_each_serve_in_order_and_are_in_the_ledger(
     assert {r["state_type"] for r in runs} == {"COMPLETED"}, [(r["name"], r["state_type"]) for r in runs]
     dep = api(urls, "GET", "/deployments/name/deploy-model/on-alias")
     assert {r["deployment_id"] for r in runs} == {dep["id"]}
+
     # The ledger records each move, in order.
-    rows = wait_for("the ledger rows", lambda: [r for r in ledger_rows(urls) if r["version"] in versions]
-                    if len([r for r in ledger_rows(urls) if r["version"] in versions]) >= MOVES else None)  # fmt: skip
+    def recorded():
+        rows = [r for r in ledger_rows(urls, MODEL) if r["version"] in versions]
+        return rows if len(rows) >= MOVES else None
+
+    rows = wait_for("the ledger rows", recorded)
     assert [r["version"] for r in sorted(rows, key=lambda r: r["started_at"])] == versions, rows
     assert all(r["outcome"] in ("serving", "superseded") for r in rows), rows
 
@@ -159,7 +137,7 @@ def test_reconciler_check_deploys_a_missed_move_without_a_reconcile_run(stack, c
     st, urls, env = stack
     since = _now()
     st.children.pop("bridge").stop()  # no webhook reaches Prefect any more
-    v = new_version(client, trained)
+    v = copy_version(client, trained)
     client.set_registered_model_alias(MODEL, "champion", v)
     wait_for(f"v{v} to serve through the alias watch", lambda: served_version(urls) == v, timeout=120)
     runs = [r for r in flow_runs(urls, "deploy-model", since) if str(r["parameters"].get("version")) == v]
