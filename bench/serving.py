@@ -221,13 +221,13 @@ def register_models(model_name: str, train_rows: int, root: Path) -> tuple[Any, 
     from sklearn.preprocessing import FunctionTransformer
 
     from flywheel.core.spec import load_spec
-    from flywheel.tasks import registry, training
+    from flywheel.tasks import model_specs, registry, training
 
     spec = load_spec()
     df = flights()
     jan = df.loc[df["month"] == 1].sample(n=train_rows, random_state=42)
     parts = training.split_dataset(jan, spec, seed=42)
-    model = training.train_model(parts, spec, training.default_model_spec("binary"), 42)
+    model = training.train_model(parts, spec, model_specs.default_model_spec("binary"), 42)
     X = parts.X_test
 
     def sig(m: Any, frame: Any) -> Any:
@@ -243,7 +243,7 @@ def register_models(model_name: str, train_rows: int, root: Path) -> tuple[Any, 
         raw = jan[spec.features]
         versions.append((_log(logged, raw, X, registry.raw_rows_signature(sig(logged, raw)), model_name, root),
                          "the same as the train flow logs it (raw-input step first)"))  # fmt: skip
-    logistic = training.train_model(parts, spec, training.ModelSpec(name="lr", estimator="logistic_regression",
+    logistic = training.train_model(parts, spec, model_specs.ModelSpec(name="lr", estimator="logistic_regression",
                                                                     params={"max_iter": 500}), 42)  # fmt: skip
     versions.append((_log(logistic, X, X, sig(logistic, X), model_name, root), "one-hot + logistic regression"))
     steps = clone(model).steps  # unfitted copies: the champion object stays as it is

@@ -5,7 +5,9 @@ The build context comes from MLflow's own generator (the same Dockerfile `mlflow
 Where no Docker-compatible engine answers, we say so and record no image: nothing pretends an image exists.
 Compiling (flywheel.tasks.compiling) keeps the compiled model and its parity result with the version's run, so any
 model server that loads the version serves it compiled — or through pyfunc, with the reason, when conversion or
-parity failed or `FLYWHEEL_COMPILE_MODELS` is off. A compilation that fails never fails the packaging.
+parity failed or `FLYWHEEL_COMPILE_MODELS` is off. A compilation that fails never fails the packaging. The version
+is compiled before its image is built: a version whose compiled form passed parity gets an image that serves it
+compiled (flywheel.tasks.serving_image), so the docker and kubernetes targets serve what the local server serves.
 
 A version packaged before is reused, not rebuilt: the build context carries a manifest (`MANIFEST_FILE`) naming
 what it was built from (model, version, run, source, library versions) and the digest of every file MLflow
@@ -149,7 +151,7 @@ def reusable_verdict(mlflow_client: Any, model_name: str, mv: Any) -> str | None
 DIGEST_LABEL = "io.flywheel.context-digest"
 
 
-def build_image(context: Path, tag: str, digest: str) -> tuple[str | None, str]:
+def build_image(context: Path, tag: str, digest: str, dockerfile: str = "Dockerfile") -> tuple[str | None, str]:
     """(image id, engine) when a Docker engine is reachable; (None, why not) otherwise. An image of `tag` built
     from the same context (its digest label) is reused: the staging and the production deployment of one version
     run the same image."""
@@ -168,7 +170,8 @@ def build_image(context: Path, tag: str, digest: str) -> tuple[str | None, str]:
     except ImageNotFound:
         pass
     try:
-        image, _ = client.images.build(path=str(context), tag=tag, rm=True, labels={DIGEST_LABEL: digest})
+        image, _ = client.images.build(path=str(context), dockerfile=dockerfile, tag=tag, rm=True,
+                                       labels={DIGEST_LABEL: digest})  # fmt: skip
     except DockerException as exc:
         return None, f"docker build failed: {exc}"
     return image.id, "docker"
@@ -209,8 +212,6 @@ def package_version(
         files = [str(p.relative_to(context)) for p in context.rglob("*") if p.is_file()]
         digest = digest_files(context, files)
         write_manifest(context, key, files, digest)
-    tag = image_tag(model_name, version)
-    image_id, engine = build_image(context, tag, digest) if build else (None, "image build disabled")
     enabled = get_settings().compile_models if compile_model is None else compile_model
     compiled = None
     if enabled:
@@ -223,8 +224,32 @@ def package_version(
         reused.append("compiled verdict")
     else:
         compiled = compile_for_serving(model_name, version, enabled)
+    tag = image_tag(model_name, version)
+    dockerfile, image_digest = image_recipe(client, model_name, mv, context, digest, compiled)
+    image_id, engine = build_image(context, tag, image_digest, dockerfile) if build else (None, "image build disabled")
     note = f"reused: {' and '.join(reused)} of an earlier packaging" if reused else ""
     return Package(model_name, str(version), str(context), digest, tag, image_id, engine, compiled, note)
+
+
+def image_recipe(client: Any, model_name: str, mv: Any, context: Path, digest: str, compiled: str) -> tuple[str, str]:
+    """(the Dockerfile to build, the digest the image is labelled with): MLflow's, or — when the version's
+    compiled form passed parity — MLflow's with the layer that serves it compiled (flywheel.tasks.serving_image).
+    A layer that cannot be written leaves MLflow's image, which serves through pyfunc as before."""
+    from flywheel.tasks import serving_image
+
+    if not compiled.startswith("compiled: yes"):
+        serving_image.remove_layer(context)
+        return "Dockerfile", digest
+    try:
+        layer = serving_image.write_layer(context, client, model_name, mv)
+    except Exception as exc:  # the artefact store failing, an unexpected Dockerfile: MLflow's image, say why
+        logging.getLogger("flywheel.packaging").warning("%s v%s: no compiled layer in the image: %s: %s",
+                                                        model_name, mv.version, type(exc).__name__, exc)  # fmt: skip
+        serving_image.remove_layer(context)
+        return "Dockerfile", digest
+    if layer is None:
+        return "Dockerfile", digest
+    return serving_image.DOCKERFILE, hashlib.sha256(f"{digest}:{layer}".encode()).hexdigest()[:16]
 
 
 @task(name="package-model", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 5])

@@ -3,11 +3,14 @@
 - `local` (embedded default): Flywheel's model server process (flywheel.serving) at a stable URL. It keeps
   two slots in one process; the new version is loaded beside the old one, smoke-tested, then swapped in.
 - `docker`: one container per version, from the image packaging built (`flywheel/<model>:<version>`, MLflow's
-  serving image), published on a loopback port; the model server stays the stable URL in front and forwards the
-  version's predictions to its container (an "upstream" slot), so health check, smoke test, switch, live watch and
-  rollback are the same as for `local`. The previous version's container keeps running for an instant switch back.
-- `kubernetes`: blue/green Deployments behind one Service whose selector switches; rendered as manifests, and
-  applied with kubectl only when a cluster context is configured.
+  serving image; for a version whose compiled form passed parity, one that serves it compiled with Flywheel's
+  model server unless `FLYWHEEL_COMPILE_MODELS=false`: flywheel.tasks.serving_image), published on a loopback
+  port; the model server stays the stable URL in front and forwards the version's predictions to its container
+  (an "upstream" slot), so health check, smoke test, switch, live watch and rollback are the same as for `local`.
+  The previous version's container keeps running for an instant switch back.
+- `kubernetes`: blue/green Deployments of the same image (its own entrypoint, `FLYWHEEL_COMPILE_MODELS` passed
+  on) behind one Service whose selector switches; rendered as manifests, and applied with kubectl only when a
+  cluster context is configured.
 """
 
 from __future__ import annotations
@@ -140,7 +143,7 @@ def records_for_smoke(sample: pd.DataFrame, features: list[str], rows: int = 100
 
 
 # ------------------------------------------------------------------------------------------------------- docker
-CONTAINER_PORT = 8080  # MLflow's serving image (nginx → the scoring server) listens here
+CONTAINER_PORT = 8080  # the version's image listens here (MLflow's nginx → scoring server, or Flywheel's server)
 _PING = "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/ping', timeout=3)"
 
 
@@ -157,6 +160,16 @@ def docker_engine(timeout: float = 30.0):
             f"{str(exc)[:200]}); set DOCKER_HOST, or FLYWHEEL_DEPLOY_TARGET=local"
         ) from exc
     return engine
+
+
+def image_environment(compile_models: bool | None = None) -> dict[str, str]:
+    """The environment a version's container runs with: whether it may serve its compiled model (its entrypoint,
+    flywheel.serving.container, runs MLflow's scoring server when not)."""
+    if compile_models is None:
+        from flywheel.core.settings import get_settings
+
+        compile_models = get_settings().compile_models
+    return {"FLYWHEEL_COMPILE_MODELS": "true" if compile_models else "false"}
 
 
 def _container_url(container) -> str | None:
@@ -178,6 +191,7 @@ class DockerTarget(LocalTarget):
     role: str = "production"
     name: str = "docker"
     start_timeout: float = 300.0
+    compile_models: bool | None = None  # None: the setting (FLYWHEEL_COMPILE_MODELS)
 
     def container_name(self, version: str) -> str:
         app = slug(self.model_name)
@@ -225,6 +239,7 @@ class DockerTarget(LocalTarget):
         container = engine.containers.run(
             tag, detach=True, name=name, labels=self.labels(version),
             ports={f"{CONTAINER_PORT}/tcp": ("127.0.0.1",)},  # the engine picks a free loopback port
+            environment=image_environment(self.compile_models),
             healthcheck={"test": ["CMD", "python", "-c", _PING], "interval": 10**10, "timeout": 5 * 10**9,
                          "retries": 3, "start_period": 60 * 10**9},
             restart_policy={"Name": "unless-stopped"},
@@ -298,11 +313,14 @@ def kubernetes_manifests(
     namespace: str = "flywheel",
     port: int = 8080,
     replicas: int = 2,
+    compile_models: bool | None = None,
 ) -> list[dict[str, Any]]:
     """A blue or green Deployment for one version and the Service whose selector points at `color`.
 
-    Applying the new color's Deployment first and the Service second is the switch; the other color's
-    Deployment stays up for an instant switch back.
+    The pods run the version's image as the docker target does — its own entrypoint, no command of ours, and
+    `FLYWHEEL_COMPILE_MODELS` (None: the setting) — so they serve the compiled model exactly when a docker
+    container of it would. Applying the new color's Deployment first and the Service second is the switch; the
+    other color's Deployment stays up for an instant switch back.
     """
     app = slug(model_name)
     labels = {"app.kubernetes.io/name": app, "app.kubernetes.io/part-of": "flywheel", "flywheel/color": color}
@@ -326,6 +344,7 @@ def kubernetes_manifests(
                             "name": "model",
                             "image": image,
                             "ports": [{"containerPort": port, "name": "http"}],
+                            "env": [{"name": k, "value": v} for k, v in image_environment(compile_models).items()],
                             "readinessProbe": probe,
                             "livenessProbe": {**probe, "initialDelaySeconds": 15},
                             "resources": {
@@ -359,13 +378,21 @@ def kubectl_context() -> str | None:
 
 
 def render_kubernetes(
-    model_name: str, version: str, image: str, out_dir: str, *, live_color: str | None, namespace: str
+    model_name: str,
+    version: str,
+    image: str,
+    out_dir: str,
+    *,
+    live_color: str | None,
+    namespace: str,
+    compile_models: bool | None = None,
 ) -> tuple[str, str]:
     """Write the blue/green manifests for `version` (the color that is not live) to `out_dir`; (path, color)."""
     import yaml
 
     color = "green" if live_color == "blue" else "blue"
-    docs = kubernetes_manifests(model_name, version, image, color=color, namespace=namespace)
+    docs = kubernetes_manifests(model_name, version, image, color=color, namespace=namespace,
+                                compile_models=compile_models)  # fmt: skip
     path = f"{out_dir.rstrip('/')}/kubernetes-{color}.yaml"
     with open(path, "w", encoding="utf-8") as fh:
         yaml.safe_dump_all(docs, fh, sort_keys=False)

@@ -22,10 +22,11 @@ def run(
     *,
     log_level: str = "warning",
     access_log: bool = False,
+    server: Any = None,
     **server_kwargs: Any,
 ) -> None:
-    """Serve `create_app(ModelServer(**server_kwargs))` with uvicorn in this process until interrupted (SIGINT/SIGTERM
-    flush the request log)."""
+    """Serve `create_app(server)` — by default `ModelServer(**server_kwargs)` — with uvicorn in this process until
+    interrupted (SIGINT/SIGTERM flush the request log)."""
     # One OpenMP thread for scikit-learn's pyfunc path unless the caller chose (read when OpenMP first starts, so
     # it holds for a model loaded later): on shared cores its spinning threads took p99 from 10 to 500 ms.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -36,8 +37,10 @@ def run(
     from flywheel.serving.errors import _error_body
     from flywheel.serving.server import ModelServer
 
-    server_kwargs.setdefault("freeze_gc", True)
-    app = create_app(ModelServer(**server_kwargs))
+    if server is None:
+        server_kwargs.setdefault("freeze_gc", True)
+        server = ModelServer(**server_kwargs)
+    app = create_app(server)
     # Connection limit, keep-alive, and the header/body deadlines uvicorn lacks (flywheel.core.http_server).
     limits = uvicorn_limits(keep_alive_seconds=KEEP_ALIVE_SECONDS, error_body=_error_body)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log, lifespan="on", **limits)

@@ -91,6 +91,8 @@ def load_engine(client: Any, mv: Any, dst: str, *, enabled: bool) -> tuple[Compi
 
 
 def engine_of(slot: Slot) -> str:
+    if slot.upstream is not None:  # what its container said predicts there (flywheel.serving.upstream)
+        return getattr(slot.model, "engine", ENGINE_PYFUNC)
     return ENGINE_COMPILED if slot.compiled is not None else ENGINE_PYFUNC
 
 

@@ -4,6 +4,10 @@ With `"upstream": "http://127.0.0.1:PORT"` in `/admin/load`, the version's own c
 `mlflow models build-docker` makes, see the `docker` target in flywheel.tasks.serving) does the predicting while
 this server stays the stable URL in front of it, with the same input checks, request log, metrics and blue/green
 switch.
+
+The container is MLflow's scoring server, or — for a version whose compiled form passed parity — Flywheel's own
+model server serving it compiled (flywheel.serving.container); its `/version` says which (`engine`), and the slot
+reports that engine in /version, /admin/state and the ledger.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from flywheel.serving.errors import MAX_ERROR_MESSAGE, ApiError, _clip
+from flywheel.tasks.compiling import ENGINE_PYFUNC
 
 _UPSTREAM_RE = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+$")
 UPSTREAM_TIMEOUT_SECONDS = 60.0
@@ -41,9 +46,22 @@ class _Upstream:
         self.url = url.rstrip("/")
         self.metadata = metadata
         self._client = httpx.Client(timeout=timeout, limits=httpx.Limits(max_keepalive_connections=8))
+        self.engine, self.engine_reason = ENGINE_PYFUNC, None  # what predicts there (see `describe`)
 
     def ping(self) -> int:
         return self._client.get(self.url + "/ping").status_code
+
+    def describe(self) -> None:
+        """Learn what predicts there: Flywheel's model server answers /version as JSON with its engine; MLflow's
+        scoring server answers its version as text (pyfunc)."""
+        try:
+            body = self._client.get(self.url + "/version").json()
+        except Exception:  # text, no answer: MLflow's scoring server, or one that will fail its smoke test anyway
+            body = None
+        if isinstance(body, dict) and body.get("engine"):
+            self.engine = str(body["engine"])
+            why = str(body.get("compiled") or "")
+            self.engine_reason = _clip(f"{why}; in the version's own container (Flywheel's model server)", 500)
 
     def predict(self, data: Any, params: dict | None = None) -> Any:
         import httpx
@@ -100,4 +118,5 @@ def _upstream_model(url: str, local_dir: str) -> _Upstream:
     if status != 200:
         model.close()
         raise ApiError(502, "LOAD_FAILED", f"upstream {url} is not ready: /ping answered {status}")
+    model.describe()
     return model

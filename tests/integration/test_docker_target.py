@@ -4,7 +4,8 @@ A `flywheel up` stack with FLYWHEEL_DEPLOY_TARGET=docker and DOCKER_HOST pointin
 `flywheel train` makes v1 champion → the webhook → deploy-model builds MLflow's serving image for v1 through the
 engine, runs it, health-checks and smoke-tests it, and the model server (the stable URL) forwards to it. v2 is then
 deployed while a client sends requests throughout (no failure), v1's container stays up for a switch back, and the
-stack's stop removes the containers.
+stack's stop removes the containers. v1 compiles at packaging, so its image carries the compiled model and serves
+it with Flywheel's model server (the same image with FLYWHEEL_COMPILE_MODELS=false is MLflow's scoring server).
 
 This machine reaches no image registry, so the `python:<version>-slim` base that MLflow's Dockerfile starts from is
 built here once: Debian's python3 in a root made by debootstrap from the machine's own Debian mirror, imported under
@@ -213,6 +214,71 @@ def test_champion_is_built_run_and_served_from_its_container(stack, client, dock
     assert resp.headers["X-Flywheel-Model-Version"] == "1"
     bad = httpx.post(urls["model_url"] + "/invocations", json={"dataframe_records": [{"nope": 1}]}, timeout=30)
     assert bad.status_code == 400 and bad.json()["error_code"]
+
+
+def _run_ready(docker_client, image: str, name: str, environment: dict) -> tuple[object, str]:
+    """Run `image` unlabelled (no target prunes it) on a loopback port; (container, URL) once /ping answers."""
+    from flywheel.tasks.serving import _container_url
+
+    for old in docker_client.containers.list(all=True, filters={"name": f"^{name}$"}):
+        old.remove(force=True)
+    c = docker_client.containers.run(image, detach=True, name=name, environment=environment,
+                                     ports={"8080/tcp": ("127.0.0.1",)})  # fmt: skip
+
+    def ready() -> str | None:
+        c.reload()
+        assert c.status not in ("exited", "dead"), c.logs(tail=20).decode(errors="replace")
+        url = _container_url(c)
+        try:
+            return url if url and httpx.get(url + "/ping", timeout=3).status_code == 200 else None
+        except httpx.HTTPError:
+            return None
+
+    return c, _wait(f"container {name}", ready, timeout=300, interval=1)
+
+
+def test_a_compiled_champion_is_served_compiled_by_its_container_with_mlflows_answers_and_errors(
+    stack, client, docker_client
+):
+    """v1 compiled at packaging (parity on its holdout): its image serves it with Flywheel's model server in
+    compiled mode; the same image with FLYWHEEL_COMPILE_MODELS=false is MLflow's scoring server, and both give the
+    same predictions and the same errors."""
+    st, urls, _ = stack
+    row = ledger_row(urls, "1", "champion")
+    assert row["engine"] == "onnxruntime" and row["engine_reason"].startswith("compiled: yes"), row
+    assert "in the version's own container" in row["engine_reason"]
+    active = admin_state(st, urls)["active"]
+    assert active["engine"] == "onnxruntime" and active["upstream"]
+    info = httpx.get(active["upstream"] + "/version", timeout=10).json()  # the container itself
+    assert info["engine"] == "onnxruntime" and info["model_version"] == "1" and info["model_name"] == MODEL
+    assert httpx.get(urls["model_url"] + "/version", timeout=10).json()["engine"] == "onnxruntime"  # the front
+
+    pyfunc, mlflow_url = _run_ready(docker_client, row["image"], f"{MODEL}-mlflow-check",
+                                    {"FLYWHEEL_COMPILE_MODELS": "false"})  # fmt: skip
+    try:
+        answer = httpx.get(mlflow_url + "/version", timeout=10)  # MLflow's image: no engine (404 behind its nginx)
+        assert "engine" not in (answer.json() if answer.text.lstrip().startswith("{") else {}), answer.text
+        assert "through MLflow's scoring server: compiled: off" in pyfunc.logs().decode(errors="replace")
+        rows = holdout(client, st, "1").head(200)
+        split = {"dataframe_split": json.loads(rows.to_json(orient="split", index=False))}
+        records = {"dataframe_records": rows.astype(object).where(rows.notna(), None).to_dict(orient="records")}
+        for body in (split, records):
+            ours = httpx.post(active["upstream"] + "/invocations", json=body, timeout=60)
+            theirs = httpx.post(mlflow_url + "/invocations", json=body, timeout=60)
+            assert ours.status_code == theirs.status_code == 200
+            assert ours.json()["predictions"] == theirs.json()["predictions"]
+        # A missing column: MLflow's status, error code and error text (Flywheel's server keeps the useful part of
+        # MLflow's message, which otherwise embeds the whole input frame: flywheel.serving.errors).
+        bad = {"dataframe_records": [{"nope": 1}]}
+        ours = httpx.post(active["upstream"] + "/invocations", json=bad, timeout=60)
+        theirs = httpx.post(mlflow_url + "/invocations", json=bad, timeout=60)
+        front = httpx.post(urls["model_url"] + "/invocations", json=bad, timeout=60)
+        assert ours.status_code == theirs.status_code == front.status_code == 400, (ours.text, theirs.text)
+        assert ours.json()["error_code"] == theirs.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+        assert ours.json()["message"].split(": ", 1)[1] in theirs.json()["message"]
+        assert front.json() == ours.json()  # the same answer through the stable URL as from the container
+    finally:
+        pyfunc.remove(force=True)
 
 
 def test_next_version_switches_with_zero_failed_requests_and_the_old_container_stays(stack, client, docker_client):

@@ -1,4 +1,5 @@
-"""Kubernetes manifests against the real Kubernetes OpenAPI schemas (kubernetes-validate ships them; offline).
+"""Kubernetes manifests against the real Kubernetes OpenAPI schemas (kubernetes-validate ships them; offline), and
+the blue/green pods running a version's image as the docker target does.
 
 Both the static manifests in infra/k8s/ and the blue/green pair the deploy flow renders for a version.
 """
@@ -71,3 +72,52 @@ def test_render_writes_the_color_that_is_not_live(tmp_path):
     assert service["spec"]["selector"]["flywheel/color"] == "green"
     for doc in (deployment, service):
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_blue_green_pods_run_the_versions_image_as_the_docker_target_does(enabled):
+    """The image's own entrypoint (flywheel.serving.container: compiled with Flywheel's server, or MLflow's scoring
+    server) decides, with FLYWHEEL_COMPILE_MODELS as the docker target passes it, on the port both listen on."""
+    from flywheel.serving import container
+    from flywheel.tasks.serving import CONTAINER_PORT, image_environment, kubernetes_manifests
+
+    deployment, _ = kubernetes_manifests("m", "3", "flywheel/m:3", color="blue", compile_models=enabled)
+    kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+    (pod,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert pod["image"] == "flywheel/m:3" and "command" not in pod and "args" not in pod
+    assert pod["env"] == [{"name": "FLYWHEEL_COMPILE_MODELS", "value": "true" if enabled else "false"}]
+    assert image_environment(enabled) == {e["name"]: e["value"] for e in pod["env"]}
+    assert pod["ports"][0]["containerPort"] == CONTAINER_PORT == container.PORT
+    assert pod["readinessProbe"]["httpGet"]["path"] == "/ping"  # both servers answer it once the model is loaded
+
+
+@pytest.fixture
+def settings_env(monkeypatch):
+    """Set FLYWHEEL_* variables the settings then read (their cache cleared before and after)."""
+    from flywheel.core.settings import get_settings
+
+    def set_env(name: str, value: str | None) -> None:
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+
+    yield set_env
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
+def test_rendered_manifests_follow_the_compile_setting(tmp_path, settings_env):
+    from flywheel.tasks.serving import render_kubernetes
+
+    settings_env("FLYWHEEL_COMPILE_MODELS", "false")
+    path, _ = render_kubernetes("m", "1", "flywheel/m:1", str(tmp_path), live_color=None, namespace="ns")
+    deployment, _ = _documents(Path(path))
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["env"] == [
+        {"name": "FLYWHEEL_COMPILE_MODELS", "value": "false"}
+    ]
+    settings_env("FLYWHEEL_COMPILE_MODELS", None)
+    path, _ = render_kubernetes("m", "2", "flywheel/m:2", str(tmp_path), live_color="blue", namespace="ns")
+    deployment, _ = _documents(Path(path))
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"] == "true"
