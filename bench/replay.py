@@ -2,12 +2,13 @@
 by period, against "never retrain" and "retrain every period", on the flights and on synthetic scenarios.
 
 In-process and server-free: the same plain functions the flows compose (tasks/drift.py's Evidently check,
-tasks/retrain_policy.py's decision with its label signal, tasks/drift_windows.py's windows and cooldown,
+tasks/retrain_policy.py's decision with its label signal and shadow candidate (the function check-drift's
+`shadow-challenger` task calls), tasks/drift_windows.py's windows and cooldown,
 tasks/evaluation.py's time-honest split and tasks/gate.py's gate), with the default model. After each period
 the loop sees that period's labels (as the demo now feeds them), decides, and the model it then serves is scored
 on the next period. A decision is *right* by the counterfactual of issue 16: a model trained on the retrain
 window ending there, scored on the next period, beats the serving champion by the gate's uplift exactly when the
-loop retrained. Results: bench/results/replay.json.
+loop retrained. Results: bench/results/replay-<name>.json with `--out` (the flights and the synthetic scenarios).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pandas as pd
 
 from bench import common
 
-POLICIES = ("loop", "shadow", "never", "every")
+POLICIES = ("loop", "never", "every")
 SCENARIOS = ("flights", "no_drift", "feature_shift", "concept_drift", "broken_data", "broken_model")
 
 
@@ -128,12 +129,12 @@ class Replay:
         return self.df.loc[(self.ts >= lo) & (self.ts < hi)].reset_index(drop=True)
 
     def fit(self, frame: pd.DataFrame, parts=None):
-        from flywheel.tasks import training
+        from flywheel.tasks import model_specs, training
 
         if parts is None:  # all rows: the counterfactual and "retrain every period"
             X, y = training.feature_frame(frame, self.spec), training.target_series(frame, self.spec)
             parts = training.Split(X, X.iloc[:0], y, y.iloc[:0])
-        return training.train_model(parts, self.spec, training.default_model_spec(self.spec.task), self.seed)
+        return training.train_model(parts, self.spec, model_specs.default_model_spec(self.spec.task), self.seed)
 
     def score(self, model, frame: pd.DataFrame) -> float | None:
         from flywheel.tasks import training
@@ -144,17 +145,19 @@ class Replay:
         X = training.feature_frame(frame, self.spec)
         return score_predictions(frame[self.spec.target], model.predict(X), self.spec)
 
-    def train_gated(self, frame: pd.DataFrame, champion, champion_trained_until):
+    def train_gated(self, frame: pd.DataFrame, champion, champion_trained_until, fitted=None):
         """What the train flow does: a time-honest split, the candidate fitted before the holdout, the gate against
-        the baseline and the champion on the holdout. (candidate, passed, reasons, its holdout metric)."""
+        the baseline and the champion on the holdout. (candidate, passed, reasons, its holdout metric). `fitted`: the
+        candidate already fitted on this split (the shadow candidate of the decision), not fitted twice."""
         from flywheel.tasks import training
         from flywheel.tasks.evaluation import BASELINE_NAMES, baseline_metrics, evaluate_model, holdout_note
         from flywheel.tasks.gate import champion_overlap, promotion_gate
-        from flywheel.tasks.validation import validate_dataset
+        from flywheel.tasks.validation import labelled_rows, validate_dataset
 
         validate_dataset(frame, self.spec, min_rows=100)  # broken data fails here: no candidate, no deploy
+        frame = labelled_rows(frame, self.spec)
         parts = training.split.fn(frame, self.spec, self.seed)
-        model = self.fit(frame, parts)
+        model = fitted if fitted is not None else self.fit(frame, parts)
         positive = training.positive_label(parts.y_test, self.spec)
         cand = evaluate_model(model, parts.X_test, parts.y_test, self.spec, positive)
         base = baseline_metrics(parts.X_train, parts.y_train, parts.X_test, parts.y_test, self.spec, positive)
@@ -177,24 +180,35 @@ class Replay:
         )  # fmt: skip
 
 
-LOOPS = ("loop", "shadow")  # the loop as the flows run it; the same with a challenger trained every period
+LOOPS = ("loop",)  # the loop as the flows run it
 
 
 def decide(r: Replay, state: dict, month: pd.DataFrame, live: float | None, hi, window: pd.DataFrame, plan) -> dict:
-    """One loop's decision at the end of a period, and what it does: drift and label signals → should_retrain →
-    the time-honest gate on the retrain window → promote, or keep the candidate as challenger."""
+    """The loop's decision at the end of a period, and what it does, as check-drift and train compose it: drift and
+    label signals (the champion against its holdout, and the shadow candidate a retraining would make now against
+    the champion on the latest labelled period) → should_retrain → the time-honest gate on the retrain window →
+    promote, or keep the candidate as challenger."""
     from flywheel.tasks.drift import DriftDataError
-    from flywheel.tasks.retrain_policy import LabelEvidence, should_retrain
+    from flywheel.tasks.retrain_policy import LabelEvidence, shadow_challenger, should_retrain
 
     decision: dict = {"retrain": False, "promoted": False, "alert": False}
+    shadow = None
     try:
         result = r.drift(state["reference"], month)
         decision["drift_share"] = round(result.drift_share, 3)
         ev = LabelEvidence(r.metric, len(month), "c", live, state["holdout"],
-                           tolerance=r.spec.label_tolerance or 0.10)  # fmt: skip
+                           tolerance=r.spec.label_tolerance or 0.10, min_uplift=r.thresholds.min_uplift)  # fmt: skip
         if state["challenger"] is not None:
             ev.challenger_version, ev.champion_same_rows = "ch", live
             ev.challenger_live = r.score(state["challenger"], month)
+        try:
+            shadow = shadow_challenger(window, r.spec, state["model"], seed=r.seed, min_rows=100)
+        except Exception as exc:  # noqa: BLE001 - a window the train flow would refuse gives no comparison
+            decision["shadow_error"] = f"{type(exc).__name__}: {exc}"[:200]
+        if shadow is not None:
+            shadow.attach(ev)
+            decision["shadow"] = {"gain": shadow.estimate.gain, "lower": shadow.estimate.lower,
+                                  "champion": shadow.champion, "challenger": shadow.challenger}  # fmt: skip
         verdict = should_retrain(result, now_event_time=hi, last_retrain_event_time=state["last_retrain"],
                                  cooldown=plan.cooldown, min_rows=500, in_flight=False, labels=ev,
                                  time_zone=plan.time_zone)  # fmt: skip
@@ -204,7 +218,8 @@ def decide(r: Replay, state: dict, month: pd.DataFrame, live: float | None, hi, 
     if decision["retrain"]:
         state["last_retrain"] = hi
         try:
-            cand, passed, gate_reasons, holdout = r.train_gated(window, state["model"], state["trained_until"])
+            fitted = shadow.model if shadow is not None else None  # the same fit the train flow would make
+            cand, passed, gate_reasons, holdout = r.train_gated(window, state["model"], state["trained_until"], fitted)
             decision["gate"] = gate_reasons
             if passed:
                 state.update(model=cand, holdout=holdout, reference=window, trained_until=str(hi), challenger=None)
@@ -260,8 +275,6 @@ def run_scenario(name: str, quick: bool = False) -> Scenario:
                                       "right": bool(row.decision[lp]["retrain"]) == bool(helps)}  # fmt: skip
         if cf is not None:
             every = cf  # "retrain every period" deploys that model unconditionally
-            if not row.decision["shadow"]["promoted"]:
-                states["shadow"]["challenger"] = cf  # the shadow challenger, compared on the next period's labels
     out.seconds = round(time.perf_counter() - started, 1)
     return out
 
@@ -285,8 +298,10 @@ def main(argv: list[str] | None = None) -> int:
             acts = ""
             for lp in LOOPS:
                 d, cf = (p.decision or {}).get(lp, {}), (p.counterfactual or {}).get(lp, {})
-                acts += (f" | {lp}: retrain {d.get('retrain')!s:5} promoted {d.get('promoted')!s:5} "
-                         f"{d.get('signal')} right {cf.get('right')}")  # fmt: skip
+                sh = d.get("shadow") or {}
+                gain = f"{sh['gain']:+.3f} (>= {sh['lower']:+.3f})" if sh else "-"
+                acts += (f" | {lp}: {d.get('signal')} challenger gain {gain} retrain {d.get('retrain')!s:5} "
+                         f"promoted {d.get('promoted')!s:5} right {cf.get('right')}")  # fmt: skip
             print(f"  {p.period}  {live}{acts}")
     path = common.RESULTS_DIR / args.out
     payload = {"benchmark": "replay", "scenarios": results, "policies": list(POLICIES)}

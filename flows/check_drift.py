@@ -3,8 +3,9 @@
 reference = the sample saved with the champion's training run (found through its lineage, so it follows the
 champion); current = the latest drift window (the spec's `drift_window`, e.g. a calendar month) of what the model
 server scored, by the data's own event time (or any data source given as `current_uri`). With labels, the
-champion's quality on recent labelled traffic decides (against its holdout, and against the challenger on the same
-rows); without, data drift does. A decision to retrain outside the cooldown emits `flywheel.drift.detected`, which
+champion's quality on recent labelled traffic decides: against the shadow candidate a retraining would make now
+(trained on the retrain window before the latest period, both scored on it), else against its own holdout;
+without labels, data drift does. A decision to retrain outside the cooldown emits `flywheel.drift.detected`, which
 triggers the `train/on-drift` deployment on the spec's `retrain_window`. A champion registered
 outside Flywheel has no training sample: the rows it served before the window are its reference (until it has
 served enough, the check says so and decides nothing). A multiclass model's predicted-class mix is checked too.
@@ -19,7 +20,7 @@ from prefect import flow, get_run_logger
 
 from flywheel.core.settings import get_settings
 from flywheel.core.spec import load_spec
-from flywheel.tasks import events, metrics, monitoring, registry
+from flywheel.tasks import events, metrics, monitoring, registry, retrain_policy
 
 
 @flow(name="check-drift", log_prints=True, persist_result=True)  # the demo reads the verdict of a cron run
@@ -53,6 +54,8 @@ def check_drift(
     if labels_uri:
         reference, current = monitoring.with_labels(reference, current, spec, champion, labels_uri)
         evidence = monitoring.label_evidence(client, name, spec, champion, current)
+        if evidence is not None:  # the candidate a retraining would make now, against the champion
+            evidence = retrain_policy.shadow_check(spec, name, champion.version, hi, evidence)
     elif spec.task == "multiclass":
         reference = monitoring.with_predictions(reference, spec, champion)
 

@@ -1,17 +1,26 @@
 """When to retrain: the decision a drift check takes from what it measured, with the signal that decided it.
 
-With labels (late ground truth joined to served rows), the primary signal is the champion's quality on recent
-labelled traffic: against its own holdout with a stated tolerance, and against the challenger scored on the same
-rows where one exists. Data drift is then reported but does not decide: seasonal columns drift whether or not the
-model decays. Without labels, data drift (or Evidently's quality decay, when it has labels of its own) is the only
-signal. Enough rows, no training run in flight and the cooldown (tasks/drift_windows.py) then gate the trigger.
-Plain functions: the bench (bench/replay.py) replays the same decisions.
+With labels (late ground truth joined to served rows) the labels decide, by the question a retraining asks: would
+the model it makes now beat the champion? `shadow_challenger` fits the train flow's candidate on the retrain
+window with the train flow's split (time-honest: trained before the latest period) and scores it and the champion
+on that latest labelled period; it retrains when the gain clears the gate's uplift and a paired bootstrap over the
+rows puts it above zero with the stated confidence, so noise does not retrain. A registered challenger is compared
+the same way where no shadow candidate could be fitted; with neither, the champion's fall below its own holdout
+(beyond a stated tolerance) decides. Data drift is then reported but does not decide: seasonal columns drift
+whether or not the model decays. Without labels, data drift (or Evidently's quality decay, when it has labels of
+its own) is the only signal. Enough rows, no training run in flight and the cooldown (tasks/drift_windows.py) then
+gate the trigger. Plain functions: the bench (bench/replay.py) replays the same decisions.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from flywheel.core.spec import Period
 from flywheel.tasks.drift import DEFAULT_MAX_QUALITY_DECAY, DriftResult
@@ -21,6 +30,8 @@ from flywheel.tasks.evaluation import HIGHER_IS_BETTER
 DEFAULT_LABEL_TOLERANCE = 0.10  # relative fall of the primary metric against the champion's holdout
 DEFAULT_MIN_LABEL_ROWS = 200  # fewer labelled rows: the label signal is noise, drift decides
 DEFAULT_CHALLENGER_UPLIFT = 0.005  # the gate's default min uplift
+DEFAULT_CONFIDENCE = 0.975  # one-sided: the challenger's gain over the champion is above zero with this confidence
+BOOTSTRAP_SAMPLES = 300
 
 SIGNAL_LABELS = "labels"
 SIGNAL_DRIFT = "data drift"
@@ -52,6 +63,11 @@ class LabelEvidence:
     challenger_live: float | None = None  # the challenger on the same rows
     champion_same_rows: float | None = None  # the champion on the rows the challenger was scored on
     min_uplift: float = DEFAULT_CHALLENGER_UPLIFT
+    gain_lower: float | None = None  # the gain's lower bound at `confidence` (paired bootstrap), when measured
+    confidence: float = DEFAULT_CONFIDENCE
+    challenger_rows: int | None = None  # rows the challenger comparison was scored on, when not `rows`
+    challenger_note: str | None = None  # what the challenger is (e.g. the shadow candidate and its split)
+    notes: list[str] = field(default_factory=list)  # observations that decide nothing (why no shadow candidate)
 
     def worse_by(self, reference: float, value: float) -> float:
         """How much worse `value` is than `reference`, relative (> 0 worse)."""
@@ -68,9 +84,12 @@ class LabelEvidence:
 
 
 def label_triggers(ev: LabelEvidence) -> tuple[list[str], list[str]]:
-    """(triggers, observations) of the label signal."""
+    """(triggers, observations) of the label signal. A challenger compared on the same rows decides; the
+    champion's fall below its own holdout decides only where no challenger could be compared (a fall that every
+    model a retraining could make shares, e.g. a hard season, is no reason to retrain)."""
     triggers, seen = [], []
     m = ev.metric
+    compared = ev.challenger_version is not None and ev.challenger_live is not None
     if ev.holdout is not None:
         decay = ev.worse_by(ev.holdout, ev.live)
         text = (
@@ -78,18 +97,122 @@ def label_triggers(ev: LabelEvidence) -> tuple[list[str], list[str]]:
             f"{ev.holdout:.3f} on its holdout ({abs(decay):.0%} {'worse' if decay > 0 else 'better'}; tolerance "
             f"{ev.tolerance:.0%} worse)"
         )
-        (triggers if decay > ev.tolerance else seen).append(text)
+        if compared and decay > ev.tolerance:
+            text += ": reported, the challenger comparison decides"
+        (triggers if decay > ev.tolerance and not compared else seen).append(text)
     else:
         seen.append(f"labels: champion v{ev.champion_version} {m} {ev.live:.3f} on {ev.rows:,} rows (no holdout value)")
-    if ev.challenger_version and ev.challenger_live is not None:
+    if compared:
         base = ev.live if ev.champion_same_rows is None else ev.champion_same_rows
         gain = ev.gain(base, ev.challenger_live)
-        text = (
-            f"labels: challenger v{ev.challenger_version} {m} {ev.challenger_live:.3f} vs champion {base:.3f} on the "
-            f"same {ev.rows:,} rows ({gain:+.3f}; needs >= {ev.min_uplift})"
-        )
-        (triggers if gain >= ev.min_uplift else seen).append(text)
+        rows = ev.challenger_rows if ev.challenger_rows is not None else ev.rows
+        what = ev.challenger_note or f"challenger v{ev.challenger_version}"
+        needs = f"needs >= {ev.min_uplift}"
+        ok = gain >= ev.min_uplift
+        if ev.gain_lower is not None:
+            needs += f" and a {ev.confidence * 100:g}% lower bound > 0, here {ev.gain_lower:+.3f}"
+            ok = ok and ev.gain_lower > 0
+        text = f"labels: {what} {m} {ev.challenger_live:.3f} vs champion {base:.3f} on the same {rows:,} rows "
+        text += f"({gain:+.3f}; {needs})"
+        (triggers if ok else seen).append(text)
+    seen += ev.notes
     return triggers, seen
+
+
+# --------------------------------------------------------------------------------------------------- statistics
+def _metric_samples(y: np.ndarray, pred: np.ndarray, weights: np.ndarray, task: str, positive) -> np.ndarray:
+    """The task's primary metric under each row of bootstrap `weights` (samples × rows)."""
+    if task == "regression":
+        err = (pred.astype(float) - y.astype(float)) ** 2
+        return np.sqrt(weights @ err / np.maximum(weights.sum(axis=1), 1e-12))
+    classes = [positive] if task == "binary" else sorted(set(y) | set(pred))
+    scores = []
+    for c in classes:
+        is_y, is_p = y == c, pred == c
+        tp = weights @ (is_y & is_p).astype(np.float32)
+        wrong = weights @ (is_y ^ is_p).astype(np.float32)  # false positives + false negatives
+        denom = 2 * tp + wrong
+        scores.append(np.where(denom > 0, 2 * tp / np.maximum(denom, 1e-12), 0.0))
+    return np.mean(scores, axis=0)
+
+
+@dataclass
+class GainEstimate:
+    """A challenger's gain over the champion on the same rows (> 0 better) and its one-sided lower bound."""
+
+    gain: float
+    lower: float
+    confidence: float
+    rows: int
+
+
+def paired_gain(y_true, champion_pred, challenger_pred, spec, *, confidence: float = DEFAULT_CONFIDENCE,
+                samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> GainEstimate:  # fmt: skip
+    """The challenger's gain on the primary metric over the champion on the same labelled rows, with the lower
+    bound of a paired bootstrap (both scored on each resample of the rows, Poisson weights) at `confidence`."""
+    from flywheel.tasks.drift import class_labels
+    from flywheel.tasks.evaluation import primary_metric, score_predictions
+
+    y, a, b = (pd.Series(np.asarray(v)) for v in (y_true, champion_pred, challenger_pred))
+    point = score_predictions(y, b, spec) - score_predictions(y, a, spec)
+    positive = None
+    if spec.task != "regression":
+        y, a, b = class_labels(y), class_labels(a), class_labels(b)
+        positive = class_labels(pd.Series([spec.positive_class]))[0] if spec.task == "binary" else None
+    sign = 1.0 if primary_metric(spec.task) in HIGHER_IS_BETTER else -1.0
+    rng = np.random.default_rng(seed)
+    y, a, b = y.to_numpy(), a.to_numpy(), b.to_numpy()
+    gains = []
+    for chunk in np.array_split(np.arange(samples), max(1, samples * len(y) // 4_000_000)):
+        w = rng.poisson(1.0, size=(len(chunk), len(y))).astype(np.float32)
+        gains.append(sign * (_metric_samples(y, b, w, spec.task, positive) - _metric_samples(y, a, w, spec.task,
+                                                                                             positive)))  # fmt: skip
+    lower = float(np.quantile(np.concatenate(gains), 1 - confidence))
+    return GainEstimate(round(sign * point, 6), round(lower, 6), confidence, len(y))
+
+
+@dataclass
+class ShadowChallenger:
+    """The candidate a retraining would make now, scored with the champion on its time-honest holdout."""
+
+    champion: float
+    challenger: float
+    estimate: GainEstimate
+    note: str
+    model: Any = field(default=None, repr=False)
+
+    def attach(self, ev: LabelEvidence) -> LabelEvidence:
+        """The evidence with this comparison as its challenger (it replaces a registered challenger: this one is
+        what a retraining would make of the latest data)."""
+        ev.challenger_version, ev.challenger_live, ev.champion_same_rows = "shadow", self.challenger, self.champion
+        ev.gain_lower, ev.confidence = self.estimate.lower, self.estimate.confidence
+        ev.challenger_rows = self.estimate.rows
+        ev.challenger_note = f"shadow candidate ({self.note})"
+        return ev
+
+
+def shadow_challenger(frame: pd.DataFrame, spec, champion_model, *, seed: int = 42, model_spec=None,
+                      confidence: float = DEFAULT_CONFIDENCE, min_rows: int = 200,
+                      max_null_share: float = 0.3) -> ShadowChallenger | None:  # fmt: skip
+    """The train flow's candidate on `frame` (the retrain window ending now): its validation (a window the train
+    flow would refuse raises its DataValidationError), its split (time-honest for event-time data: trained before
+    the latest period, held out on it), its default model; then it and the champion scored on the holdout with the
+    gain's bootstrap bound. None when the window gives no holdout to compare on."""
+    from flywheel.tasks import model_specs, training
+    from flywheel.tasks.evaluation import holdout_note, score_predictions
+    from flywheel.tasks.validation import labelled_rows, validate_dataset
+
+    validate_dataset(frame, spec, min_rows=min_rows, max_null_share=max_null_share)
+    frame = labelled_rows(frame, spec)
+    parts = getattr(training.split, "fn", training.split)(frame, spec, seed)
+    if len(parts.X_test) == 0 or len(parts.X_train) == 0:
+        return None
+    model = training.train_model(parts, spec, model_spec or model_specs.default_model_spec(spec.task), seed)
+    champ, chall = champion_model.predict(parts.X_test), model.predict(parts.X_test)
+    est = paired_gain(parts.y_test, champ, chall, spec, confidence=confidence, seed=seed)
+    note = holdout_note(parts.X_test)["note"].split(";")[0]
+    return ShadowChallenger(score_predictions(parts.y_test, champ, spec), score_predictions(parts.y_test, chall, spec),
+                            est, note, model)  # fmt: skip
 
 
 def drift_triggers(result: DriftResult, max_quality_decay: float) -> list[str]:
@@ -165,3 +288,33 @@ def should_retrain(
     if blockers:
         return RetrainDecision(False, reasons + blockers, signal)
     return RetrainDecision(True, reasons + [cool.reason], signal)
+
+
+@task(name="shadow-challenger", cache_policy=NO_CACHE)
+def shadow_check(spec, model_name: str, champion_version: str, hi, evidence: LabelEvidence) -> LabelEvidence:
+    """The label evidence with the shadow candidate of a retraining at `hi`: the spec's source over the retrain
+    window before `hi` (what `train/on-drift` would pull), the champion loaded from the registry, the gate's
+    uplift from the spec. A window it cannot compare on leaves the evidence as it was, with a note why."""
+    from flywheel.core.settings import get_settings
+    from flywheel.core.timeutil import utc_timestamp
+    from flywheel.tasks import data, drift_windows, registry
+    from flywheel.tasks.gate import thresholds_from_settings
+
+    s = get_settings()
+    plan = drift_windows.monitoring_plan(spec)
+    lo, end = drift_windows.window_before(utc_timestamp(hi), plan.retrain_window, plan.time_zone)
+    evidence.min_uplift = thresholds_from_settings(spec).min_uplift
+    try:
+        frame = data.pull_dataset(spec, lo.isoformat(), end.isoformat())
+        champion = registry.load_sklearn_model(model_name, champion_version)
+        shadow = shadow_challenger(frame, spec, champion, seed=s.seed, min_rows=s.min_rows,
+                                   max_null_share=s.max_null_share)  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - no comparison: the champion's holdout decides
+        why = " ".join(str(exc).split())
+        evidence.notes.append(f"no shadow candidate on [{lo.isoformat()}, {end.isoformat()}): "
+                              f"{type(exc).__name__}: {why}"[:300])  # fmt: skip
+        return evidence
+    if shadow is None:
+        evidence.notes.append(f"no shadow candidate: [{lo.isoformat()}, {end.isoformat()}) gives no holdout")
+        return evidence
+    return shadow.attach(evidence)

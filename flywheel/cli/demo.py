@@ -54,6 +54,21 @@ class MonthRow:
     live_champion: str = ""  # the champion that served this month's traffic (whose live metric this is)
     signal: str | None = None  # what decided the retraining: "labels", "data drift" or "none"
     window: str = ""  # the drift check's event-time window
+    challenger_gain: float | None = None  # the shadow candidate's gain over the champion on the latest period
+    gain_lower: float | None = None  # its lower bound at the policy's confidence (paired bootstrap)
+
+
+def challenger_gain(labels: dict | None) -> tuple[float | None, float | None]:
+    """(gain, lower bound) of the challenger over the champion on the same labelled rows, from a verdict's label
+    evidence (higher is better, also for an error metric); (None, None) when none was compared."""
+    if not labels or labels.get("challenger_live") is None:
+        return None, None
+    base = labels.get("champion_same_rows")
+    base = labels.get("live") if base is None else base
+    gain = labels["challenger_live"] - base
+    if labels.get("metric") == "rmse":
+        gain = -gain
+    return round(gain, 4), labels.get("gain_lower")
 
 
 METRIC_LABELS = {"f1": "F1", "f1_macro": "macro F1", "rmse": "RMSE"}
@@ -291,6 +306,7 @@ def replay(loop: Loop, months: int | None = None) -> list[MonthRow]:
             champion_version=champion.version, champion_holdout_f1=loop.holdout_f1(champion, metric), metric=metric,
             live_champion=live_champion, signal=verdict.get("signal"), window=f"[{window[0]}, {window[1]})",
         )  # fmt: skip
+        row.challenger_gain, row.gain_lower = challenger_gain(verdict.get("labels"))
         if row.retrained:
             before = loop.newest_version()
             run = loop.wait_retraining(t0)
@@ -320,24 +336,32 @@ def _format_row(r: MonthRow) -> str:
     label = METRIC_LABELS.get(r.metric, r.metric)
     return (
         f"{r.month}  served by v{r.live_champion or r.champion_version}  rows {r.rows_sent:>6}  drift {share:>5}  "
-        f"decided by {r.signal or '-'}  retrained {'yes' if r.retrained else 'no ':3}  "
+        f"decided by {r.signal or '-'}  challenger gain {_gain(r)}  retrained {'yes' if r.retrained else 'no ':3}  "
         f"promoted {'yes' if r.promoted else 'no ':3}  champion v{r.champion_version:<3} holdout {label} {hf1}  "
         f"live {label} {f1}  serving errors {r.serving_errors}"
     )
 
 
+def _gain(r: MonthRow) -> str:
+    """The challenger's gain over the champion and its lower bound, e.g. `+0.021 (>= +0.008)`."""
+    if r.challenger_gain is None:
+        return "-"
+    low = "" if r.gain_lower is None else f" (>= {r.gain_lower:+.3f})"
+    return f"{r.challenger_gain:+.3f}{low}"
+
+
 def summary_table(rows: list[MonthRow]) -> str:
     label = METRIC_LABELS.get(rows[0].metric, rows[0].metric) if rows else "F1"
     head = (
-        f"| month | served by | live {label} | drift share | decided by | retrained? | promoted? | champion after "
-        f"| holdout {label} | serving errors |"
+        f"| month | served by | live {label} | drift share | decided by | challenger gain | retrained? | promoted? "
+        f"| champion after | holdout {label} | serving errors |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r.month} | v{r.live_champion or r.champion_version} "
             f"| {'-' if r.live_f1 is None else f'{r.live_f1:.3f}'} "
-            f"| {'-' if r.drift_share is None else f'{r.drift_share:.2f}'} | {r.signal or '-'} "
+            f"| {'-' if r.drift_share is None else f'{r.drift_share:.2f}'} | {r.signal or '-'} | {_gain(r)} "
             f"| {'yes' if r.retrained else 'no'} "
             f"| {'yes' if r.promoted else 'no'} | v{r.champion_version} "
             f"| {'-' if r.champion_holdout_f1 is None else f'{r.champion_holdout_f1:.3f}'} | {r.serving_errors} |"
@@ -381,23 +405,30 @@ def publish(loop: Loop, rows: list[MonthRow], out_dir: Path) -> dict:
     import mlflow
     from prefect.artifacts import create_markdown_artifact
 
+    from flywheel.tasks import tracking
+
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {"model_name": loop.name, "months": [asdict(r) for r in rows]}
     (out_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2))
     png = chart(rows, out_dir / SUMMARY_PNG, loop.s.drift_share)
     mlflow.set_tracking_uri(loop.urls["mlflow_url"])
-    mlflow.set_experiment(f"{loop.s.experiment_name}-demo")
-    with mlflow.start_run(run_name="demo-replay-2013") as run:
+    experiment = f"{loop.s.experiment_name}-demo"
+    note = "Runs of `flywheel demo`: each holds the replay's month-by-month chart and summary (artifacts `demo/`)."
+    look = tracking.ExperimentLook(note, "Open the demo runs", "flywheel-demo", ("attributes.`Source`",))
+    experiment_id = tracking.ensure_experiment(loop.client, experiment, look)
+    source = {tracking.TAG_SOURCE_NAME: "flywheel/cli/demo.py"}  # not this machine's path of the script
+    with mlflow.start_run(experiment_id=experiment_id, run_name="demo-replay-2013", tags=source) as run:
         mlflow.log_artifact(str(png), "demo")
         mlflow.log_dict(summary, "demo/summary.json")
         mlflow.log_text(summary_table(rows), "demo/summary.md")
-    link = f"{loop.urls['mlflow_url']}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    page = tracking.run_page(experiment_id, run.info.run_id, "demo")  # relative: true on any host and port
     create_markdown_artifact(
         key="flywheel-demo",
-        markdown=f"# Flywheel demo: 2013 replay\n\n{summary_table(rows)}\n\nChart and JSON: [MLflow run]({link})",
+        markdown=f"# Flywheel demo: 2013 replay\n\n{summary_table(rows)}\n\nChart and JSON: the MLflow run "
+        f"`demo-replay-2013` of experiment `{experiment}`, at `{page}` in the MLflow UI",
         description="Month-by-month replay of the closed loop",
     )
-    summary["mlflow_run"] = link
+    summary["mlflow_run"] = f"{loop.urls['mlflow_url']}/{page}"  # for the terminal, not stored
     return summary
 
 

@@ -401,7 +401,8 @@ def test_ci_report_and_demo_summary_of_a_multiclass_run():
     assert ci.ci_summary(result)["rows_unlabeled"] == 52
     row = MonthRow("2013-03", 10, 0, 0.9, 0.1, False, False, None, False, "1", 0.95, metric="f1_macro")
     assert summary_table([row]).startswith(
-        "| month | served by | live macro F1 | drift share | decided by | retrained? | promoted? | champion after "
+        "| month | served by | live macro F1 | drift share | decided by | challenger gain | retrained? | promoted? "
+        "| champion after "
         "| holdout macro F1"
     )
     spec = DatasetSpec(source="x", target="y", task="multiclass", numeric=["a"])
