@@ -233,10 +233,27 @@ def test_bridge_cli_hands_event_to_real_prefect(tracking, prefect_server, model_
         hook_name = f"flywheel-bridge-{uuid.uuid4().hex[:8]}"
         webhook_cleanup.append(hook_name)
         ensure_webhook(client, url + WEBHOOK_PATH, secret, name=hook_name)
-        time.sleep(_webhook_cache_ttl() + 0.5)
 
+        # The sentinel for MLflow's webhook cache (MLFLOW_WEBHOOK_CACHE_TTL, per event type) instead of a sleep:
+        # register versions until the bridge logs one's creation, then set the alias until it logs the move.
+        def heard(event: str, tail: str) -> bool:
+            until = time.monotonic() + _webhook_cache_ttl() + 1
+            while time.monotonic() < until:
+                if any(f"emitted {event} for {model_name} " in line and line.rstrip().endswith(tail)
+                       for line in log_path.read_text().splitlines()):  # fmt: skip
+                    return True
+                time.sleep(0.2)
+            return False
+
+        deadline = time.monotonic() + 4 * _webhook_cache_ttl() + 30
         version = _register_version(model_name)
+        while not heard("mlflow.model_version.created", f"version={version}"):
+            assert time.monotonic() < deadline, f"the bridge heard no version creation of {model_name}"
+            version = _register_version(model_name)
         client.set_registered_model_alias(model_name, "champion", version)
+        while not heard("mlflow.model_version_alias.created", f"alias=champion version={version}"):
+            assert time.monotonic() < deadline, f"the bridge heard no alias move of {model_name}"
+            client.set_registered_model_alias(model_name, "champion", version)
 
         # The bridge answers MLflow only after Prefect took the event; find it in Prefect's store by its id.
         event_id = None

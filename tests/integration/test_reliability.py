@@ -171,7 +171,9 @@ def test_webhook_receiver_refuses_forgeries_and_emits_nothing(stack, trained):
     since = _now() - dt.timedelta(seconds=2)
     secret = (st.root / "webhook_secret").read_text().strip()
     hook = urls["bridge_url"] + WEBHOOK
-    body = mlflow_body(MODEL, "41")
+    # Forgeries of a delivery the bridge would emit (a version the registry has, an alias nothing deploys), so
+    # one that got through would reach Prefect: the registry's 422 for an unknown version cannot hide it.
+    body = mlflow_body(MODEL, trained.version, alias="forged")
     good = signed(body, secret)
     other = signed(mlflow_body(MODEL, "42"), secret, good["X-MLflow-Delivery-Id"], int(good["X-MLflow-Timestamp"]))
     forged = {
@@ -195,9 +197,9 @@ def test_webhook_receiver_refuses_forgeries_and_emits_nothing(stack, trained):
         e for e in events(urls, ["mlflow.model_version.created"], since)
         if e.get("payload", {}).get("delivery_id") == sentinel["X-MLflow-Delivery-Id"]])  # fmt: skip
     emitted = [e for e in events(urls, ["mlflow.model_version_alias.created"], since)
-               if e.get("payload", {}).get("version") == "41"]  # fmt: skip
-    assert emitted == [], "a forged delivery reached Prefect"
-    assert not [r for r in flow_runs(urls, "deploy-model", since) if r["parameters"].get("version") == "41"]
+               if e.get("payload", {}).get("alias") == "forged"]  # fmt: skip
+    assert emitted == [], f"a forged delivery reached Prefect: {emitted}"
+    assert not [r for r in flow_runs(urls, "deploy-model", since) if r["parameters"].get("alias") == "forged"]
     # Secrets at rest: owner-only.
     for name in ("webhook_secret", "admin_token", "mlflow_webhook_encryption.key"):
         mode = (st.root / name).stat().st_mode & 0o777
@@ -446,6 +448,7 @@ def test_deployments_process_killed_mid_deploy_then_reconciler_finishes_it(stack
 # --------------------------------------------------------------------------------------------------- case 9
 def test_secret_rotation_keeps_webhooks_flowing(stack, client, trained):
     from flywheel.bridge.secrets import rotate_secret
+    from flywheel.core.files import write_private
 
     st, urls, _ = stack
     old = (st.root / "webhook_secret").read_text().strip()
@@ -462,11 +465,18 @@ def test_secret_rotation_keeps_webhooks_flowing(stack, client, trained):
     assert guessed.status_code == 401
     # MLflow signs with the new secret: a real alias move right after the rotation still deploys, by its webhook.
     mlflow_signs_with_the_new_secret(client, trained)
+    # End the grace period first: a delivery MLflow signed with the old secret is refused now, so the move below
+    # deploys by its webhook only if MLflow's webhook holds the new secret.
+    write_private(st.root / "webhook_secret.previous", json.dumps({"secret": old, "expires_at": time.time() - 1}))
+    gone = httpx.post(urls["bridge_url"] + WEBHOOK, content=body, headers=signed(body, old), timeout=30)
+    assert gone.status_code == 401, "the old secret is still accepted after its grace period"
     ve = copy_version(client, trained)
     deploy(client, urls, ve)
     tags = _wait(f"v{ve}'s ledger tags", lambda: client.get_model_version(MODEL, ve).tags.get("deploy_outcome") and
                  client.get_model_version(MODEL, ve).tags)  # fmt: skip
-    assert tags["deploy_outcome"] == "serving" and tags["deploy_trigger"] == "event"
+    assert tags["deploy_outcome"] == "serving" and tags["deploy_trigger"] == "event", (
+        f"v{ve} was not deployed by its webhook after the rotation: {tags}"
+    )
     bridge_log = (st.root / "logs" / "bridge.log").read_text(errors="replace")
     assert new not in bridge_log and old not in bridge_log
 

@@ -190,7 +190,9 @@ def test_503_until_a_model_is_loaded_and_a_missing_initial_alias_waits_for_a_dep
         # ended, the error is recorded), so the server cannot pick the alias up by itself later (a first version
         # goes through deploy-model's smoke test); a deployment loads it through the admin API.
         server = app.state.server
-        wait_until(lambda: server._initial_thread is not None and not server._initial_thread.is_alive())
+        wait_until(lambda: server._initial_thread is not None)
+        server._initial_thread.join(30)
+        assert not server._initial_thread.is_alive(), "the initial load did not give up on an alias that is missing"
         assert "serving-test-champion" in server.last_load_error["requested"]
         reg.set_registered_model_alias(MODEL, "serving-test-champion", "2")
         try:
