@@ -138,6 +138,48 @@ def ledger_rows(urls, model: str) -> list[dict]:
     return json.loads(data) if isinstance(data, str) else data
 
 
+def registry_client(urls):
+    """An MlflowClient on the stack's MLflow server (tracking and registry)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=urls["mlflow_url"], registry_uri=urls["mlflow_url"])
+
+
+def train_first_champion(stack, client, model: str, timeout: float = 180):
+    """`flywheel train` on two weeks of flights against the stack; its champion (the version the registry says),
+    once the model server answers with it."""
+    import sys
+    from pathlib import Path
+
+    _, urls, env = stack
+    flywheel = str(Path(sys.executable).parent / "flywheel")
+    run_cli([flywheel, "train", "--start", "2013-01-01", "--end", "2013-01-15"], env, timeout=600)
+    first = client.get_model_version_by_alias(model, "champion")
+    wait_for(f"v{first.version} to serve", lambda: served_version(urls) == first.version, timeout=timeout)
+    return first
+
+
+def stack_fixtures(model: str, state_name: str, **extra_env: str) -> tuple:
+    """Module-scoped fixtures `(stack, client, trained)` for a test module on one `flywheel up` stack (the
+    `running_stack` for `model`, `extra_env` its settings), its registry client, and its first champion trained by
+    `flywheel train` (`train_first_champion`). In the module: `stack, client, trained = stack_fixtures(...)`."""
+
+    @pytest.fixture(scope="module")
+    def stack(tmp_path_factory):
+        with running_stack(tmp_path_factory.mktemp(state_name), model, **extra_env) as started:
+            yield started
+
+    @pytest.fixture(scope="module")
+    def client(stack):
+        return registry_client(stack[1])
+
+    @pytest.fixture(scope="module")
+    def trained(stack, client):
+        return train_first_champion(stack, client, model)
+
+    return stack, client, trained
+
+
 def served_version(urls) -> str | None:
     """The version the stack's production model server answers with (its /version)."""
     return httpx.get(urls["model_url"] + "/version", timeout=5).json()["model_version"]

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
-from stacks import Receiver, copy_version, ledger_rows, run_cli, running_stack, wait_for
+from stacks import Receiver, copy_version, ledger_rows, run_cli, stack_fixtures, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
@@ -123,29 +123,12 @@ def signed(body: bytes, secret: str, delivery_id: str | None = None, ts: int | N
 
 
 # --------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    aws = {"AWS_ACCESS_KEY_ID": FAKE_AWS_KEY_ID, "AWS_SECRET_ACCESS_KEY": FAKE_AWS_SECRET}
-    with running_stack(tmp_path_factory.mktemp("reliability"), MODEL, FLYWHEEL_DEPLOY_WATCH_SECONDS="2", **aws) as st:
-        yield st
-
-
-@pytest.fixture(scope="module")
-def client(stack):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=stack[1]["mlflow_url"], registry_uri=stack[1]["mlflow_url"])
-
-
-@pytest.fixture(scope="module")
-def trained(stack, client):
-    """The first version, trained once by `flywheel train` on two weeks of flights, champion, deployed through the
-    webhook; the version number is the registry's."""
-    _, urls, env = stack
-    run_cli([str(BIN / "flywheel"), "train", "--start", "2013-01-01", "--end", "2013-01-15"], env, timeout=600)
-    first = client.get_model_version_by_alias(MODEL, "champion")
-    _wait(f"v{first.version} to serve", lambda: served_version(urls["model_url"]) == first.version)
-    return first
+# One stack (fake AWS credentials in its environment: no credential may leak anywhere); `trained` is the first
+# version, trained once by `flywheel train` on two weeks of flights, champion, deployed through the webhook.
+stack, client, trained = stack_fixtures(
+    MODEL, "reliability", FLYWHEEL_DEPLOY_WATCH_SECONDS="2", AWS_ACCESS_KEY_ID=FAKE_AWS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY=FAKE_AWS_SECRET,
+)  # fmt: skip
 
 
 def champion_of(client) -> str:

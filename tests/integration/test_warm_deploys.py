@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from stacks import copy_version, ledger_rows, run_cli, running_stack, wait_for
+from stacks import copy_version, ledger_rows, run_cli, stack_fixtures, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
@@ -76,27 +76,10 @@ class ServedLog:
         self._thread.join(10)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    with running_stack(tmp_path_factory.mktemp("warm"), MODEL, FLYWHEEL_DEPLOY_WATCH_SECONDS="1",
-                       FLYWHEEL_RECONCILE_SECONDS="5") as st:  # fmt: skip
-        yield st
-
-
-@pytest.fixture(scope="module")
-def client(stack):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=stack[1]["mlflow_url"], registry_uri=stack[1]["mlflow_url"])
-
-
-@pytest.fixture(scope="module")
-def trained(stack, client):
-    """v1, trained once by `flywheel train` on two weeks of flights, champion, deployed."""
-    _, urls, env = stack
-    run_cli([str(BIN / "flywheel"), "train", "--start", "2013-01-01", "--end", "2013-01-15"], env, timeout=600)
-    wait_for("v1 to serve", lambda: served_version(urls) == "1", timeout=180)
-    return client.get_model_version(MODEL, "1")
+# `trained`: v1, trained once by `flywheel train` on two weeks of flights, champion, deployed.
+stack, client, trained = stack_fixtures(
+    MODEL, "warm", FLYWHEEL_DEPLOY_WATCH_SECONDS="1", FLYWHEEL_RECONCILE_SECONDS="5"
+)
 
 
 def test_five_moves_two_seconds_apart_each_serve_in_order_and_are_in_the_ledger(stack, client, trained):

@@ -228,7 +228,7 @@ def test_memory_parsers():
 
 
 def test_row_feed_never_repeats_a_row():
-    from bench.serving import RowFeed
+    from bench.serving_load import RowFeed
 
     feed = RowFeed(pd.DataFrame({"a": [1.0, 2.0, 3.0, 4.0, 5.0], "b": list("vwxyz")}))
     first = json.loads(feed.next_body())

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import time
 
 import numpy as np
 import pandas as pd
 import pytest
+from serving_models import log_version, sqlite_experiment
 from starlette.testclient import TestClient
 
 from flywheel.serving.app import create_app
@@ -86,10 +86,7 @@ def registry(tmp_path_factory, january, january_split, flights_model, flights_sp
     """Versions of MODEL: 1 the flights model (its holdout sample logged, compiled), 2 a pipeline that starts with
     a FunctionTransformer, 3 the flights model with its compiled form forced to differ, 4 the flights model with no
     holdout sample of its own (champion: v1), 5 the flights model as the train flow logs it (raw-input step)."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    import mlflow
     from mlflow.models import infer_signature
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
     from sklearn.base import clone
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import FunctionTransformer
@@ -97,24 +94,12 @@ def registry(tmp_path_factory, january, january_split, flights_model, flights_sp
     from flywheel.tasks import training
 
     root = tmp_path_factory.mktemp("compiled")
-    uri = f"sqlite:///{root}/mlflow.db"
     X, holdout = january_split.X_train, january_split.X_test
 
-    with _use_tracking_uri(uri):
-        exp = mlflow.create_experiment("compiled-test", artifact_location=str(root / "artifacts"))
+    with sqlite_experiment(root, "compiled-test") as (uri, exp):
 
         def log(model, example: pd.DataFrame, holdout_sample: pd.DataFrame | None, signature=None) -> str:
-            with mlflow.start_run(experiment_id=exp):
-                if holdout_sample is not None:
-                    path = root / "holdout_sample.parquet"
-                    holdout_sample.to_parquet(path, index=False)
-                    mlflow.log_artifact(str(path), artifact_path="reference")
-                info = mlflow.sklearn.log_model(
-                    model, name="model", registered_model_name=MODEL, input_example=example.head(3),
-                    signature=signature or infer_signature(example.head(200), model.predict(example.head(200))),
-                    pip_requirements=["scikit-learn"], serialization_format="cloudpickle",
-                )  # fmt: skip
-            return str(info.registered_model_version)
+            return log_version(root, exp, model, example, holdout_sample, MODEL, signature)
 
         client = reg.client(uri)
         versions = {"flights": log(flights_model, X, holdout)}

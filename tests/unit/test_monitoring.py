@@ -10,6 +10,7 @@ import socket
 
 import pandas as pd
 import pytest
+from drift_results import drift_result
 
 from flywheel.tasks import events, monitoring
 from flywheel.tasks.drift import DriftResult
@@ -31,11 +32,7 @@ class FakeRegistry:
 
 
 def drifted() -> DriftResult:
-    return DriftResult(
-        dataset_drift=True, drift_share=0.7, drift_share_threshold=0.55, n_drifted=7, n_columns=10, columns=[],
-        rows_reference=1000, rows_current=1000, rows_reference_used=1000, rows_current_used=1000, sampled=False,
-        sample_cap=50_000,
-    )  # fmt: skip
+    return drift_result(dataset_drift=True, drift_share=0.7, n_drifted=7, n_columns=10)
 
 
 def test_the_cooldown_starts_only_after_the_drift_event_is_sent():

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from serving_models import log_version, sqlite_experiment
 from starlette.testclient import TestClient
 
 from flywheel.serving import container
@@ -27,28 +28,14 @@ MODEL = "packaging-image-test"
 @pytest.fixture(scope="module")
 def version(tmp_path_factory, january_split, flights_model):
     """v1: the flights model with its holdout sample (it compiles); the registry as the default one."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    import mlflow
-    from mlflow.models import infer_signature
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
     root = tmp_path_factory.mktemp("image")
-    uri = f"sqlite:///{root}/mlflow.db"
     X, holdout = january_split.X_train, january_split.X_test
-    with _use_tracking_uri(uri):
-        exp = mlflow.create_experiment("image", artifact_location=str(root / "artifacts"))
-        with mlflow.start_run(experiment_id=exp):
-            holdout.to_parquet(root / "holdout_sample.parquet", index=False)
-            mlflow.log_artifact(str(root / "holdout_sample.parquet"), artifact_path="reference")
-            info = mlflow.sklearn.log_model(
-                flights_model, name="model", registered_model_name=MODEL, input_example=X.head(3),
-                signature=infer_signature(X.head(200), flights_model.predict(X.head(200))),
-                pip_requirements=["scikit-learn"], serialization_format="cloudpickle",
-            )  # fmt: skip
+    with sqlite_experiment(root, "image") as (uri, exp):
+        v = log_version(root, exp, flights_model, X, holdout, MODEL)
     old = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     os.environ["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_REGISTRY_URI"] = uri
     try:
-        yield {"uri": uri, "version": str(info.registered_model_version), "root": root, "holdout": holdout}
+        yield {"uri": uri, "version": v, "root": root, "holdout": holdout}
     finally:
         for k, v in old.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

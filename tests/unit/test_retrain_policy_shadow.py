@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from drift_results import drift_result
 
 from flywheel.core.spec import DatasetSpec
 from flywheel.tasks import training
-from flywheel.tasks.drift import DriftResult
 from flywheel.tasks.model_specs import ModelSpec
 from flywheel.tasks.retrain_policy import (
     SIGNAL_LABELS,
@@ -27,16 +27,8 @@ BINARY = DatasetSpec(name="t", source="x", target="y", positive_class=1, numeric
                      event_time="t", drift_window="1 month", retrain_window="3 months")  # fmt: skip
 
 
-def drift_result() -> DriftResult:
-    return DriftResult(
-        dataset_drift=False, drift_share=0.2, drift_share_threshold=0.55, n_drifted=1, n_columns=5, columns=[],
-        rows_reference=3000, rows_current=3000, rows_reference_used=3000, rows_current_used=3000, sampled=False,
-        sample_cap=50_000,
-    )  # fmt: skip
-
-
 def decide(ev: LabelEvidence):
-    return should_retrain(drift_result(), now_event_time=NOW, last_retrain_event_time=None, cooldown=30,
+    return should_retrain(drift_result(rows=3000), now_event_time=NOW, last_retrain_event_time=None, cooldown=30,
                           min_rows=500, in_flight=False, labels=ev)  # fmt: skip
 
 
@@ -46,21 +38,22 @@ def compared(live=0.80, holdout=0.80, challenger=0.85, lower=0.01) -> LabelEvide
 
 
 # --------------------------------------------------------------------------------------------------- bootstrap
+def labels_and_guesses(seed: int, n: int, *accuracies: float) -> tuple:
+    """`n` binary labels, then one model's predictions per accuracy (each right with that probability)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    return (y, *(np.where(rng.random(n) < acc, y, 1 - y) for acc in accuracies))
+
+
 def test_a_clearly_better_challenger_has_a_positive_lower_bound():
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 4000)
-    good = np.where(rng.random(4000) < 0.9, y, 1 - y)
-    poor = np.where(rng.random(4000) < 0.7, y, 1 - y)
+    y, good, poor = labels_and_guesses(0, 4000, 0.9, 0.7)
     est = paired_gain(y, poor, good, BINARY)
     assert est.gain > 0.1 and est.lower > 0.1 and est.rows == 4000
     assert paired_gain(y, good, poor, BINARY).lower < 0  # the other way round it is worse
 
 
 def test_equally_good_models_are_not_significantly_different():
-    rng = np.random.default_rng(1)
-    y = rng.integers(0, 2, 3000)
-    a = np.where(rng.random(3000) < 0.8, y, 1 - y)
-    b = np.where(rng.random(3000) < 0.8, y, 1 - y)
+    y, a, b = labels_and_guesses(1, 3000, 0.8, 0.8)
     est = paired_gain(y, a, b, BINARY)
     assert est.lower < 0 < est.lower + 0.05  # an interval around a noise-sized gain, not a proof of one
     same = paired_gain(y, a, a, BINARY)
