@@ -108,13 +108,14 @@ def expected(registry, frame: pd.DataFrame, version: str = "1") -> list:
     return registry["models"][version].predict(frame).tolist()
 
 
-def wait_until(cond, timeout: float = 30.0, interval: float = 0.05):
+def wait_until(cond, timeout: float = 60.0, interval: float = 0.05, what: str = "condition"):
+    """True as soon as `cond()` is; an AssertionError naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
             return True
         time.sleep(interval)
-    raise AssertionError("condition not met in time")
+    raise AssertionError(f"{what} not met in time")
 
 
 def records_json(frame: pd.DataFrame) -> list[dict]:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import io
 import json
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
-from serving_models import log_version, sqlite_experiment
+from serving_models import log_version, sqlite_experiment, wait_until
 from starlette.testclient import TestClient
 
 from flywheel.serving.app import create_app
@@ -48,15 +47,6 @@ def _shift_baseline(onnx_bytes: bytes, delta: float) -> bytes:
                 elif attr.name == "base_values":
                     attr.floats[:] = [v + delta for v in attr.floats]
     return model.SerializeToString()
-
-
-def wait_until(cond, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def served_app(uri: str, version: str, **kwargs):

@@ -10,11 +10,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from serving_models import log_version, sqlite_experiment
+from serving_models import log_version, sqlite_experiment, wait_until
 from starlette.testclient import TestClient
 
 from flywheel.serving import container
@@ -47,15 +46,6 @@ def packaged(version):
                                     compile_model=True)  # fmt: skip
     assert pkg.compiled.startswith("compiled: yes"), pkg.compiled
     return pkg
-
-
-def wait_until(cond, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def started(app) -> TestClient:
