@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from bench.common import BenchResult, flights, import_seconds, ratio, stopwatch
+from bench.common import BenchResult, ratio, stopwatch
+from bench.fixtures import flights, import_seconds
 
 if TYPE_CHECKING:
-    from flywheel.tasks.drift import ColumnDrift
+    from flywheel.tasks.drift_snapshot import ColumnDrift
 
 TITLE = "compute_drift vs Evidently on all rows vs bare scipy"
 DISTANCE_THRESHOLD = 0.1
@@ -140,7 +141,7 @@ def evidently_full(
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
-    from flywheel.tasks.drift import parse_columns
+    from flywheel.tasks.drift_snapshot import parse_columns
 
     numerical = [c for c, k in kinds.items() if k == "numerical"]
     categorical = [c for c, k in kinds.items() if k == "categorical"]

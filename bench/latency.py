@@ -24,7 +24,8 @@ from typing import Any
 
 import httpx
 
-from bench.common import BenchResult, env_vars, flights, percentile, server_env, stopwatch
+from bench.common import BenchResult, env_vars, percentile, server_env, stopwatch
+from bench.fixtures import flights
 from bench.latency_stages import alias_check_cpu
 
 TITLE = "registry alias move → model server answers with the new version"

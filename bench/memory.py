@@ -69,19 +69,20 @@ def tree_memory_mb(root_pid: int) -> dict[str, float]:
 
 
 def run(quick: bool, root: Path) -> BenchResult:
-    from bench import serving
+    from bench import serving_load
+    from bench.serving_setup import served_model
 
     res = BenchResult("memory", TITLE, quick)
     if not PROC.is_dir():
         res.errors.append("no /proc on this system: memory is read from Linux's /proc")
         return res
     labels = ("mlflow serve", "flywheel")
-    with serving.served_model(root, quick=True) as served:
+    with served_model(root, quick=True) as served:
         idle = {label: tree_memory_mb(served.servers[label].pid) for label in labels}
         for label in labels:
-            serving.sequential(served.url(label), served.feed, 2.0 if quick else 5.0)
-            serving.concurrent(served.url(label), served.feed, 8, 2.0 if quick else 5.0)
-            serving.batches(served.url(label), served.feed, 1)
+            serving_load.sequential(served.url(label), served.feed, 2.0 if quick else 5.0)
+            serving_load.concurrent(served.url(label), served.feed, 8, 2.0 if quick else 5.0)
+            serving_load.batch(served.url(label), served.feed)
         loaded = {label: tree_memory_mb(served.servers[label].pid) for label in labels}
     for label in labels:
         res.add(f"{label}: PSS after start", idle[label]["pss"], "MB", note=f"{idle[label]['processes']} processes")

@@ -20,17 +20,8 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from bench.common import (
-    BenchResult,
-    env_vars,
-    import_seconds,
-    median,
-    prefect_settings,
-    ratio,
-    start_mlflow,
-    start_prefect,
-    stopwatch,
-)
+from bench.common import BenchResult, env_vars, median, ratio, stopwatch
+from bench.fixtures import import_seconds, prefect_settings, start_mlflow, start_prefect
 
 FULL_WINDOW = ("2013-01-01", "2014-01-01")
 QUICK_WINDOW = ("2013-01-01", "2013-02-01")

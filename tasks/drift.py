@@ -1,7 +1,8 @@
 """Drift: compare current data with the reference (Evidently) and say so in markdown.
 
 Plain functions only (tests call them directly); the drift check's I/O and its tasks are in tasks/monitoring.py,
-its windows and cooldown in tasks/drift_windows.py, the retraining decision in tasks/retrain_policy.py.
+its windows and cooldown in tasks/drift_windows.py, the retraining decision in tasks/retrain_policy.py, reading
+Evidently's snapshot (per-column verdicts, quality metrics) in tasks/drift_snapshot.py.
 Evidently is imported inside `compute_drift` only: its import costs 7–8 s.
 
 How Evidently 0.7.23 decides, per column (auto-selected by the *reference* row count):
@@ -31,6 +32,7 @@ import pandas as pd
 
 from flywheel.core.sampling import sample_rows
 from flywheel.core.spec import DatasetSpec
+from flywheel.tasks.drift_snapshot import ColumnDrift, parse_columns, parse_quality, relative_decay
 
 # Dataset drift when a strict majority of the monitored columns drift. Evidently compares with `>=`, so 0.5
 # would call exactly half a dataset drift: on the flights demo Jan–Feb vs March drifts 6 of 12 columns (the
@@ -44,28 +46,6 @@ DEFAULT_MIN_ROWS = 500
 # counts as decay.
 DEFAULT_MAX_QUALITY_DECAY = 0.10
 
-# Stat tests whose score is a distance (drift if score >= threshold); every other Evidently test reports a
-# p-value (drift if score < threshold). Matched case-insensitively against the method's display name.
-_DISTANCE_METHODS = ("wasserstein", "jensen-shannon", "hellinger", "kullback", "psi", "energy", "text content")
-_QUALITY_NAMES = {
-    "Accuracy": "accuracy",
-    "Precision": "precision",
-    "Recall": "recall",
-    "F1Score": "f1",
-    "RocAuc": "roc_auc",
-    "LogLoss": "log_loss",
-    "TPR": "tpr",
-    "TNR": "tnr",
-    "FPR": "fpr",
-    "FNR": "fnr",
-    "RMSE": "rmse",
-    "MAE": "mae",
-    "MeanError": "mean_error",
-    "MAPE": "mape",
-    "R2Score": "r2",
-    "AbsMaxError": "abs_max_error",
-}
-_LOWER_IS_BETTER = {"log_loss", "fpr", "fnr", "rmse", "mae", "mape", "abs_max_error"}
 # Evidently averages a multiclass model's F1, precision and recall over the classes (macro): named as the training
 # run's metrics are (tasks/evaluation.py).
 _MULTICLASS_NAMES = {"f1": "f1_macro", "precision": "precision_macro", "recall": "recall_macro"}
@@ -76,22 +56,6 @@ class DriftDataError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------- results
-@dataclass
-class ColumnDrift:
-    column: str
-    kind: str  # "numerical" | "categorical"
-    method: str  # Evidently's display name, e.g. "Wasserstein distance (normed)", "K-S p_value"
-    score: float
-    threshold: float
-    drifted: bool
-    direction: str  # "distance" (drift if score >= threshold) | "p_value" (drift if score < threshold)
-
-    @property
-    def severity(self) -> float:
-        """How far past (> 1) or short of (< 1) its threshold the score is, comparable across methods."""
-        return _severity(self.direction, self.score, self.threshold)
-
-
 @dataclass
 class DriftResult:
     """What a drift check found, small and JSON-serialisable (`as_dict` / `from_dict`)."""
@@ -145,23 +109,6 @@ def drift_columns(spec: DatasetSpec) -> list[str]:
     """The spec's features minus `drift_exclude` (calendar columns and ids drift by construction)."""
     excluded = set(spec.drift_exclude)
     return [c for c in spec.features if c not in excluded]
-
-
-def _direction(method: str) -> str:
-    name = method.lower()
-    return "distance" if any(key in name for key in _DISTANCE_METHODS) else "p_value"
-
-
-def _drifted_by_direction(direction: str, score: float, threshold: float) -> bool:
-    return score >= threshold if direction == "distance" else score < threshold
-
-
-def _severity(direction: str, score: float, threshold: float) -> float:
-    if direction == "distance":
-        return score / threshold if threshold > 0 else math.inf
-    # p-values: compare orders of magnitude, so p=1e-30 at 0.05 ranks far above p=0.01.
-    p = max(score, 1e-300)
-    return math.log10(p) / math.log10(threshold) if 0 < threshold < 1 else (threshold / p)
 
 
 def _is_numeric(series: pd.Series) -> bool:
@@ -251,76 +198,6 @@ def class_labels(series: pd.Series) -> pd.Series:
 def _with_class_labels(frame: pd.DataFrame, columns: Iterable[str | None]) -> pd.DataFrame:
     present = [c for c in dict.fromkeys(columns) if c and c in frame.columns]
     return frame.assign(**{c: class_labels(frame[c]) for c in present}) if present else frame
-
-
-def _quality(snapshot, dump: dict) -> dict[str, dict[str, float]]:
-    """Current and reference values of the scalar quality metrics in a snapshot."""
-    try:
-        from evidently.core.report import ReferenceMetricNotFound
-    except ImportError:  # pragma: no cover - other Evidently versions
-        ReferenceMetricNotFound = KeyError  # noqa: N806
-    current: dict[str, float] = {}
-    reference: dict[str, float] = {}
-    for metric in dump["metrics"]:
-        kind = str(metric.get("config", {}).get("type", "")).rsplit(":", 1)[-1]
-        name = _QUALITY_NAMES.get(kind)
-        if name is None:
-            continue
-        value = metric.get("value")
-        if isinstance(value, dict):  # MeanError / MAE / MAPE report {"mean", "std"}
-            value = value.get("mean")
-        if isinstance(value, (int, float)) and math.isfinite(float(value)):
-            current[name] = float(value)
-        try:
-            ref = snapshot.context.get_reference_metric_result(metric["id"])
-        except (ReferenceMetricNotFound, KeyError, AttributeError):
-            continue
-        ref_value = getattr(ref, "value", None)
-        if isinstance(ref_value, dict):
-            ref_value = ref_value.get("mean")
-        if isinstance(ref_value, (int, float)) and math.isfinite(float(ref_value)):
-            reference[name] = float(ref_value)
-    return {"reference": reference, "current": current}
-
-
-def _decay(quality: dict[str, dict[str, float]], metric: str) -> float | None:
-    ref, cur = quality["reference"].get(metric), quality["current"].get(metric)
-    if ref is None or cur is None or ref == 0:
-        return None
-    worse = (cur - ref) if metric in _LOWER_IS_BETTER else (ref - cur)
-    return worse / abs(ref)
-
-
-def parse_columns(dump: dict, kinds: dict[str, str]) -> tuple[list[ColumnDrift], float | None, list[str]]:
-    """Per-column verdicts from `snapshot.dict()`, Evidently's own test status first, the method's direction else
-    (also how bench/drift.py reads the snapshots of its unsampled Evidently runs)."""
-    status = {}
-    for test in dump.get("tests", []):
-        metric_id = (test.get("metric_config") or {}).get("metric_id")
-        if metric_id:
-            status.setdefault(metric_id, []).append(str(getattr(test.get("status"), "value", test.get("status"))))
-    out: list[ColumnDrift] = []
-    evidently_share = None
-    notes: list[str] = []
-    for metric in dump["metrics"]:
-        config = metric.get("config", {})
-        kind = str(config.get("type", "")).rsplit(":", 1)[-1]
-        if kind == "DriftedColumnsCount":
-            evidently_share = float(metric["value"]["share"])
-        if kind != "ValueDrift":
-            continue
-        column, method = config["column"], str(config.get("method") or "")
-        score, threshold = float(metric["value"]), float(config["threshold"])
-        direction = _direction(method)
-        drifted = _drifted_by_direction(direction, score, threshold)
-        verdict = status.get(metric["id"])
-        if verdict:  # Evidently's test: FAIL = drift detected
-            tested = "FAIL" in verdict
-            if tested != drifted and not math.isclose(score, threshold):
-                notes.append(f"{column}: Evidently's test says drifted={tested}, {method} {score:.4g} vs {threshold}")
-            drifted = tested
-        out.append(ColumnDrift(column, kinds.get(column, "numerical"), method, score, threshold, drifted, direction))
-    return out, evidently_share, notes
 
 
 # --------------------------------------------------------------------------------------------------- compute
@@ -419,13 +296,13 @@ def compute_drift(
 
     quality = quality_metric = decay = None
     if label_kind:
-        quality = _quality(snapshot, dump)
+        quality = parse_quality(snapshot, dump)
         quality_metric = "rmse" if label_kind == "regression" else "f1"
         if multiclass:
             quality = {side: {_MULTICLASS_NAMES.get(k, k): v for k, v in values.items()}
                        for side, values in quality.items()}  # fmt: skip
             quality_metric = _MULTICLASS_NAMES["f1"]
-        decay = _decay(quality, quality_metric)
+        decay = relative_decay(quality, quality_metric)
 
     written = None
     if html_path is not None:

@@ -335,7 +335,7 @@ def verdict(
     lo,
     hi,
     result: drift.DriftResult,
-    decision: drift.RetrainDecision,
+    decision: retrain_policy.RetrainDecision,
     link: str,
     retraining: Retraining | None,
 ) -> dict:
