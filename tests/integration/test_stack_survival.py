@@ -231,10 +231,11 @@ def test_an_alias_move_made_while_prefect_is_down_is_deployed_once_prefect_is_ba
     assert new in traffic.versions
     assert record["deploy_outcome"] == "serving", record
     assert record["deploy_previous_version"] == old_version, record
-    # The reconciler's event (the deployments process' alias check), not a late webhook delivery.
+    # The deployments process' alias check started the run (it starts deploy-model itself), not a late webhook.
     assert f"alias=champion version={new}" not in bridge_log.read_text()
     deployments_log = (st.root / "logs" / "deployments.log").read_text()
-    assert f"'champion' is v{new}, v{old_version} serves: emitted" in deployments_log, deployments_log[-3000:]
+    started = f"'champion' is v{new}, v{old_version} serves: started deploy-model run"
+    assert started in deployments_log, deployments_log[-3000:]
     assert client.get_registered_model(MODEL).tags["last_deployment"].startswith(f"v{new} → champion"), record
     assert st.children["model-server"].alive()
     assert not old_deployments.alive() and st.children["deployments"].alive()
