@@ -43,7 +43,7 @@ SCHEDULED_EVENT = "prefect.flow-run.Scheduled"
 # wait seen in bench/latency's "flow run started" stage).
 BURST_SECONDS = 0.2
 BURST_WINDOW_SECONDS = 8.0
-GRACE_SECONDS = 0.5  # an alias found behind is looked at again after this: the webhook's run may be on its way
+GRACE_SECONDS = 1.5  # an alias found behind is looked at again after this: the webhook's event may be on its way
 # Imported once at start (flywheel.core.imports), off the claim path: the first deployment's packaging compiles
 # (skl2onnx, onnx, onnxruntime) and reads the model (mlflow.pyfunc, sklearn), ~20 s of cold imports on a busy machine.
 DEPLOY_IMPORTS = ("prefect.flow_engine", "mlflow.pyfunc", "mlflow.sklearn", "mlflow.models.flavor_backend_registry",
@@ -70,6 +70,9 @@ class WarmExecutor:
         self.wake = threading.Event()  # set by an alias event: sweep now, then every BURST_SECONDS for a while
         self.burst_until = 0.0
         self.ran = 0
+        # Alias events as the subscription delivered them ((resource, alias, version) → when): the alias watch asks
+        # here first, because Prefect's event persister writes them to what `read_events` reads seconds later.
+        self.alias_events: dict[tuple[str, str, str], float] = {}
 
     # ------------------------------------------------------------------------------------------- discovery
     def _resolve_deployments(self, client) -> None:
@@ -114,6 +117,7 @@ class WarmExecutor:
                 async with get_events_subscriber(filter=flt, reconnect_on_clean_close=True) as subscriber:
                     async for event in subscriber:
                         if event.event == ALIAS_EVENT:  # its deploy-model run is on the way: look out for it
+                            self.saw_alias_event(event.resource.id, event.payload)
                             self.expect_run()
                             continue
                         related = {r.id for r in event.related}
@@ -160,6 +164,17 @@ class WarmExecutor:
             logger.exception("warm run of %s failed outside the flow", flow_run_id)
         finally:
             self.claimed.discard(flow_run_id)
+
+    def saw_alias_event(self, resource_id: str, payload: dict) -> None:
+        key = (resource_id, str(payload.get("alias")), str(payload.get("version")))
+        self.alias_events[key] = time.monotonic()
+
+    def alias_event_seen(self, name: str, alias: str, version: str, within_seconds: float) -> bool:
+        """Whether the subscription delivered the alias event of this move in the last `within_seconds`."""
+        from flywheel.core.events import alias_event_resource
+
+        seen = self.alias_events.get((alias_event_resource(name, alias)["prefect.resource.id"], alias, str(version)))
+        return seen is not None and time.monotonic() - seen < within_seconds
 
     def expect_run(self, seconds: float = BURST_WINDOW_SECONDS) -> None:
         """A run of a warm deployment is about to be created (an alias event, a run started by the alias watch):
@@ -248,7 +263,9 @@ class AliasWatch:
             behind = stale([alias for alias, _ in behind])
         behind = [
             (alias, st) for alias, st in behind
-            if not reconciler.alias_event_pending(self.model_name, alias, st["want"], RECENT_EVENT_SECONDS)
+            if not (self.executor is not None and self.executor.alias_event_seen(self.model_name, alias, st["want"],
+                                                                                 RECENT_EVENT_SECONDS))
+            and not reconciler.alias_event_pending(self.model_name, alias, st["want"], RECENT_EVENT_SECONDS)
         ]  # fmt: skip
         if behind and not runs.deploy_in_flight(self.model_name):
             for alias, status in behind:

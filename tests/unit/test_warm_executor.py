@@ -104,6 +104,9 @@ class Executor:
     def expect_run(self, seconds: float = 0.0) -> None:
         self.expected += 1
 
+    def alias_event_seen(self, name, alias, version, within_seconds) -> bool:
+        return False
+
 
 def test_the_watch_tells_the_executor_a_run_is_on_its_way_only_when_it_emitted(world):
     world.statuses = {"champion": synced("3"), "challenger": synced("3")}
@@ -114,6 +117,22 @@ def test_the_watch_tells_the_executor_a_run_is_on_its_way_only_when_it_emitted(w
     world.statuses["champion"] = {"want": "4", "have": "3", "deployed": False}
     watch.check_once()
     assert warm.expected == 1 and len(world.emitted) == 1
+
+
+def test_a_move_whose_alias_event_the_subscription_delivered_is_left_to_its_webhook_run(world):
+    """Prefect's event persister makes a just-emitted event readable seconds later; the subscription delivers it at
+    once, so the watch starts no second run for a move the webhook already announced."""
+    from flywheel.core.events import alias_event_resource
+
+    world.statuses = {"champion": {"want": "4", "have": "3", "deployed": False}, "challenger": synced("3")}
+    warm = executor.WarmExecutor.__new__(executor.WarmExecutor)  # no Prefect: only the event bookkeeping
+    warm.alias_events, warm.wake, warm.burst_until = {}, executor.threading.Event(), 0.0
+    warm.saw_alias_event(alias_event_resource("m", "champion")["prefect.resource.id"],
+                         {"name": "m", "alias": "champion", "version": "4"})  # fmt: skip
+    watch = executor.AliasWatch("m", interval=10, grace=0, executor=warm)
+    assert watch.check_once() == [] and world.emitted == []
+    warm.alias_events.clear()  # no event for the move: the watch deploys it
+    assert [a["action"] for a in watch.check_once()] == ["started"] and len(world.emitted) == 1
 
 
 def test_an_expected_run_makes_the_sweep_look_at_once_and_often_for_a_while():
