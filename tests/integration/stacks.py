@@ -35,6 +35,18 @@ def wait_for(what: str, check, timeout: float = 120.0, interval: float = 0.5):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
+def prefect_api(urls, method: str, path: str, **kwargs):
+    """A call to the stack's Prefect REST API, JSON back. Like Prefect's own client (PREFECT_CLIENT_MAX_RETRIES),
+    it retries 429, 502 and 503 — a busy SQLite-backed server answers 503 for a moment — with a growing pause."""
+    for attempt in range(6):
+        resp = httpx.request(method, urls["prefect_api_url"] + path, timeout=30, **kwargs)
+        if resp.status_code not in (429, 502, 503) or attempt == 5:
+            break
+        time.sleep(min(2**attempt, 10))
+    resp.raise_for_status()
+    return resp.json()
+
+
 def stop_process(proc: subprocess.Popen, timeout: float) -> None:
     """SIGTERM to a child the test started; SIGKILL when it has not exited after `timeout` seconds."""
     proc.terminate()

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
-from stacks import Receiver, copy_version, ledger_rows, run_cli, stack_fixtures, wait_for
+from stacks import Receiver, copy_version, ledger_rows, prefect_api, run_cli, stack_fixtures, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
@@ -56,21 +56,15 @@ def served_version(url: str) -> str | None:
     return httpx.get(url + "/version", timeout=5).json()["model_version"]
 
 
-def api(urls, method: str, path: str, **kwargs):
-    resp = httpx.request(method, urls["prefect_api_url"] + path, timeout=30, **kwargs)
-    resp.raise_for_status()
-    return resp.json()
-
-
 def flow_runs(urls, flow_name: str, since: dt.datetime | None = None) -> list[dict]:
-    runs = api(urls, "POST", "/flow_runs/filter", json={"flows": {"name": {"any_": [flow_name]}}, "limit": 200})
+    runs = prefect_api(urls, "POST", "/flow_runs/filter", json={"flows": {"name": {"any_": [flow_name]}}, "limit": 200})
     return [r for r in runs if since is None or _parse(r["created"]) >= since]
 
 
 def events(urls, names: list[str], since: dt.datetime) -> list[dict]:
     body = {"filter": {"occurred": {"since": _iso(since), "until": _iso(_now() + dt.timedelta(minutes=5))},
                        "event": {"name": names}}, "limit": 50}  # fmt: skip
-    return api(urls, "POST", "/events/filter", json=body)["events"]
+    return prefect_api(urls, "POST", "/events/filter", json=body)["events"]
 
 
 def terminal(run: dict) -> bool:
@@ -313,7 +307,7 @@ def test_two_alias_moves_within_a_second_end_on_the_last_and_never_overlap(stack
 
 def critical_sections(urls, runs: list[dict]) -> list[tuple[dt.datetime, dt.datetime]]:
     ids = [r["id"] for r in runs]
-    tasks = api(
+    tasks = prefect_api(
         urls,
         "POST",
         "/task_runs/filter",
@@ -324,7 +318,7 @@ def critical_sections(urls, runs: list[dict]) -> list[tuple[dt.datetime, dt.date
         start = _parse(t["start_time"])
         if start and (t["flow_run_id"] not in first or start < first[t["flow_run_id"]]):
             first[t["flow_run_id"]] = start
-    ends = {r["id"]: _parse(api(urls, "GET", f"/flow_runs/{r['id']}")["end_time"]) for r in runs}
+    ends = {r["id"]: _parse(prefect_api(urls, "GET", f"/flow_runs/{r['id']}")["end_time"]) for r in runs}
     return [(first[i], ends[i]) for i in ids if i in first]
 
 
@@ -360,7 +354,7 @@ def test_replayed_webhook_and_reconciler_together_deploy_once(stack, client, tra
     runs = _wait("a finished deploy-model run for every alias event", lambda: every_alias_event_ran(urls, since))
     rows = [r for r in ledger_rows(urls, MODEL) if r["version"] == vc]
     assert [(r["version"], r["outcome"]) for r in rows] == [(vc, "serving")], rows
-    deploy_artifacts = api(urls, "POST", "/artifacts/filter",
+    deploy_artifacts = prefect_api(urls, "POST", "/artifacts/filter",
                            json={"artifacts": {"key": {"any_": [f"deploy-{MODEL}"]}}, "limit": 200})  # fmt: skip
     fresh = [a for a in deploy_artifacts if _parse(a["created"]) >= since]
     assert len(fresh) == 1, f"{len(fresh)} deployments reached serving for one move ({len(runs)} runs)"
@@ -418,14 +412,14 @@ def test_deployments_process_killed_mid_deploy_then_reconciler_finishes_it(stack
             run_cli([str(BIN / "prefect"), "deployment", "run", "reconcile/every-minute", "--watch"], env)
             with contextlib.suppress(AssertionError):
                 _wait(f"v{vd} to serve", lambda: served_version(urls["model_url"]) == vd, timeout=60)
-    zombie_now = api(urls, "GET", f"/flow_runs/{zombie['id']}")
+    zombie_now = prefect_api(urls, "GET", f"/flow_runs/{zombie['id']}")
     assert served_version(urls["model_url"]) == vd, (
         f"serving never reached the champion v{vd}; the killed run is {zombie_now['state_type']}"
     )
     # The ledger is written after the post-switch watch.
     outcome = _wait(f"v{vd}'s ledger entry", lambda: client.get_model_version(MODEL, vd).tags.get("deploy_outcome"))
     assert outcome == "serving"
-    assert api(urls, "GET", f"/flow_runs/{zombie['id']}")["state_type"] != "RUNNING"  # the zombie was marked
+    assert prefect_api(urls, "GET", f"/flow_runs/{zombie['id']}")["state_type"] != "RUNNING"  # the zombie was marked
 
 
 # --------------------------------------------------------------------------------------------------- case 9
@@ -498,12 +492,12 @@ def test_drift_while_a_retraining_runs_schedules_no_second_one(stack, client, tr
 
     # A retraining in flight: train/cron with a deliberately slow candidate, cancelled at the end.
     slow = [{"name": "slow-forest", "estimator": "random_forest", "params": {"n_estimators": 20000}}]
-    dep = api(urls, "GET", "/deployments/name/train/cron")
+    dep = prefect_api(urls, "GET", "/deployments/name/train/cron")
     params = {"start": "2013-01-01", "end": "2013-01-15", "model_name": MODEL, "candidates": slow}
-    run = api(urls, "POST", f"/deployments/{dep['id']}/create_flow_run", json={"parameters": params})
+    run = prefect_api(urls, "POST", f"/deployments/{dep['id']}/create_flow_run", json={"parameters": params})
 
     def state_of(run_id: str) -> str:
-        return api(urls, "GET", f"/flow_runs/{run_id}")["state_type"]
+        return prefect_api(urls, "GET", f"/flow_runs/{run_id}")["state_type"]
 
     try:
         _wait("the slow retraining to run", lambda: state_of(run["id"]) == "RUNNING", timeout=180)
@@ -520,7 +514,9 @@ def test_drift_while_a_retraining_runs_schedules_no_second_one(stack, client, tr
         assert events(urls, ["flywheel.drift.detected"], since) == []
         assert [r for r in flow_runs(urls, "train", since) if r["id"] != run["id"]] == []
     finally:
-        api(urls, "POST", f"/flow_runs/{run['id']}/set_state", json={"state": {"type": "CANCELLING"}, "force": True})
+        prefect_api(
+            urls, "POST", f"/flow_runs/{run['id']}/set_state", json={"state": {"type": "CANCELLING"}, "force": True}
+        )
         _wait(
             "the slow retraining to be cancelled",
             lambda: state_of(run["id"]) in ("CANCELLED", "CRASHED", "FAILED"),
@@ -650,9 +646,9 @@ def test_no_credentials_leak_anywhere(stack, client, trained):
     for path in (st.root / "logs").rglob("*"):
         if path.is_file():
             places[f"log {path.name}"] = path.read_text(errors="replace")
-    places["prefect artifacts"] = json.dumps(api(urls, "POST", "/artifacts/filter", json={"limit": 200}))
-    places["prefect logs"] = json.dumps(api(urls, "POST", "/logs/filter", json={"limit": 200}))
-    places["prefect flow runs"] = json.dumps(api(urls, "POST", "/flow_runs/filter", json={"limit": 200}))
+    places["prefect artifacts"] = json.dumps(prefect_api(urls, "POST", "/artifacts/filter", json={"limit": 200}))
+    places["prefect logs"] = json.dumps(prefect_api(urls, "POST", "/logs/filter", json={"limit": 200}))
+    places["prefect flow runs"] = json.dumps(prefect_api(urls, "POST", "/flow_runs/filter", json={"limit": 200}))
     places["ledger"] = json.dumps(ledger_rows(urls, MODEL))
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=500)
     places["mlflow runs"] = json.dumps([{"params": r.data.params, "tags": r.data.tags} for r in runs])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from stacks import copy_version, ledger_rows, run_cli, stack_fixtures, wait_for
+from stacks import copy_version, ledger_rows, prefect_api, run_cli, stack_fixtures, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
@@ -33,14 +33,8 @@ def _parse(ts: str | None) -> dt.datetime | None:
     return dt.datetime.fromisoformat(ts.replace("Z", "+00:00")) if ts else None
 
 
-def api(urls, method: str, path: str, **kwargs):
-    resp = httpx.request(method, urls["prefect_api_url"] + path, timeout=30, **kwargs)
-    resp.raise_for_status()
-    return resp.json()
-
-
 def flow_runs(urls, flow_name: str, since: dt.datetime) -> list[dict]:
-    runs = api(urls, "POST", "/flow_runs/filter", json={"flows": {"name": {"any_": [flow_name]}}, "limit": 200})
+    runs = prefect_api(urls, "POST", "/flow_runs/filter", json={"flows": {"name": {"any_": [flow_name]}}, "limit": 200})
     return [r for r in runs if _parse(r["created"]) >= since]
 
 
@@ -103,7 +97,7 @@ def test_five_moves_two_seconds_apart_each_serve_in_order_and_are_in_the_ledger(
     # Each move is a real flow run of the deployment, started by the alias event, and it completed.
     assert sorted(str(r["parameters"]["version"]) for r in runs) == sorted(versions)
     assert {r["state_type"] for r in runs} == {"COMPLETED"}, [(r["name"], r["state_type"]) for r in runs]
-    dep = api(urls, "GET", "/deployments/name/deploy-model/on-alias")
+    dep = prefect_api(urls, "GET", "/deployments/name/deploy-model/on-alias")
     assert {r["deployment_id"] for r in runs} == {dep["id"]}
 
     # The ledger records each move, in order.
