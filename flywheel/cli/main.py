@@ -153,6 +153,9 @@ def up() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
+    # Ctrl-C stops the stack even when `up` was started from a shell's background job (`flywheel up &` in a script):
+    # such a job inherits SIGINT ignored, and Python then keeps it ignored. uvicorn installs its handlers the same way.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         urls = stack.start()
     except ServerStartError as exc:
