@@ -166,8 +166,9 @@ class WarmExecutor:
             self.claimed.discard(flow_run_id)
 
     def saw_alias_event(self, resource_id: str, payload: dict) -> None:
-        key = (resource_id, str(payload.get("alias")), str(payload.get("version")))
-        self.alias_events[key] = time.monotonic()
+        now = time.monotonic()
+        self.alias_events = {k: t for k, t in self.alias_events.items() if now - t < RECENT_EVENT_SECONDS}
+        self.alias_events[(resource_id, str(payload.get("alias")), str(payload.get("version")))] = now
 
     def alias_event_seen(self, name: str, alias: str, version: str, within_seconds: float) -> bool:
         """Whether the subscription delivered the alias event of this move in the last `within_seconds`."""
