@@ -37,9 +37,11 @@ def wait_for(what: str, check, timeout: float = 120.0, interval: float = 0.5):
 
 def prefect_api(urls, method: str, path: str, **kwargs):
     """A call to the stack's Prefect REST API, JSON back. Like Prefect's own client (PREFECT_CLIENT_MAX_RETRIES),
-    it retries 429, 502 and 503 — a busy SQLite-backed server answers 503 for a moment — with a growing pause."""
+    it retries 429, 502 and 503 — a busy SQLite-backed server answers 503 for a moment — with a growing pause. The
+    read timeout is past Prefect's SQLite busy timeout (60 s): a request queued behind a locked database waits
+    that long, then is answered."""
     for attempt in range(6):
-        resp = httpx.request(method, urls["prefect_api_url"] + path, timeout=30, **kwargs)
+        resp = httpx.request(method, urls["prefect_api_url"] + path, timeout=httpx.Timeout(90, connect=10), **kwargs)
         if resp.status_code not in (429, 502, 503) or attempt == 5:
             break
         time.sleep(min(2**attempt, 10))

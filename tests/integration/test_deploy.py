@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
-from stacks import Receiver, Traffic, ledger_rows, running_stack, served_version, wait_for
+from stacks import Receiver, Traffic, ledger_rows, prefect_api, running_stack, served_version, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -74,10 +74,9 @@ def _deploy_runs(urls) -> list[dict]:
     """deploy-model runs of this model, each with its creation time as epoch seconds (`created_ts`)."""
     import datetime as dt
 
-    resp = httpx.post(urls["prefect_api_url"] + "/flow_runs/filter",
-                      json={"flows": {"name": {"any_": ["deploy-model"]}}, "limit": 200}, timeout=30)  # fmt: skip
-    resp.raise_for_status()
-    runs = [r for r in resp.json() if r["parameters"].get("name") == MODEL]
+    runs = prefect_api(urls, "POST", "/flow_runs/filter", json={"flows": {"name": {"any_": ["deploy-model"]}},
+                                                                "limit": 200})  # fmt: skip
+    runs = [r for r in runs if r["parameters"].get("name") == MODEL]
     for r in runs:
         r["created_ts"] = dt.datetime.fromisoformat(r["created"].replace("Z", "+00:00")).timestamp()
     return runs

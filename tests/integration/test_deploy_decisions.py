@@ -21,9 +21,8 @@ import sys
 import textwrap
 import time
 
-import httpx
 import pytest
-from stacks import Traffic, running_stack, served_version, wait_for
+from stacks import Traffic, prefect_api, running_stack, served_version, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -117,10 +116,9 @@ def outcome_of(client, version: str) -> str | None:
 
 
 def deploy_runs(urls, version: str) -> list[dict]:
-    resp = httpx.post(urls["prefect_api_url"] + "/flow_runs/filter",
-                      json={"flows": {"name": {"any_": ["deploy-model"]}}, "limit": 200}, timeout=30)  # fmt: skip
-    resp.raise_for_status()
-    return [r for r in resp.json() if str(r["parameters"].get("version")) == version]
+    runs = prefect_api(urls, "POST", "/flow_runs/filter", json={"flows": {"name": {"any_": ["deploy-model"]}},
+                                                                "limit": 200})  # fmt: skip
+    return [r for r in runs if str(r["parameters"].get("version")) == version]
 
 
 def final(run: dict) -> bool:
@@ -220,8 +218,6 @@ def test_rollback_runs_through_its_deployment_and_records_why(stack, client):
     t = tags(client, v7)
     assert t["deploy_outcome"] == "rolled-back" and t["deploy_rolled_back_reason"] == "integration test: v7 misbehaves"
     assert t["deploy_rolled_back_by"].endswith("(flywheel rollback)") and t["deploy_rolled_back_to"] == v5
-    resp = httpx.post(urls["prefect_api_url"] + "/flow_runs/filter",
-                      json={"flows": {"name": {"any_": ["rollback"]}}}, timeout=30)  # fmt: skip
-    (run,) = resp.json()
+    (run,) = prefect_api(urls, "POST", "/flow_runs/filter", json={"flows": {"name": {"any_": ["rollback"]}}})
     assert run["deployment_id"] and run["state_type"] == "COMPLETED"
     assert run["parameters"]["reason"] == "integration test: v7 misbehaves"
