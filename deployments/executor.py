@@ -65,6 +65,7 @@ class WarmExecutor:
         self.deployment_ids: dict[UUID, str] = {}
         self.sweep_seconds = sweep_seconds
         self.pool = ThreadPoolExecutor(max_workers=max_runs, thread_name_prefix="warm-run")
+        self.preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-prepare")
         self.claimed: set[UUID] = set()
         self.stopping = threading.Event()
         self.wake = threading.Event()  # set by an alias event: sweep now, then every BURST_SECONDS for a while
@@ -119,6 +120,7 @@ class WarmExecutor:
                         if event.event == ALIAS_EVENT:  # its deploy-model run is on the way: look out for it
                             self.saw_alias_event(event.resource.id, event.payload)
                             self.expect_run()
+                            self.prepare_ahead(event.resource.id, event.payload)
                             continue
                         related = {r.id for r in event.related}
                         if any(f"prefect.deployment.{d}" in related for d in self.deployment_ids):
@@ -169,6 +171,32 @@ class WarmExecutor:
         now = time.monotonic()
         self.alias_events = {k: t for k, t in self.alias_events.items() if now - t < RECENT_EVENT_SECONDS}
         self.alias_events[(resource_id, str(payload.get("alias")), str(payload.get("version")))] = now
+
+    def prepare_ahead(self, resource_id: str, payload: dict) -> None:
+        """Have the alias' model server load the moved-to version into its prepared slot now, while Prefect creates
+        the run (0.3-3 s) and the run packages the version: the run's own load then takes it at once. It never
+        serves from there; the run still loads, smoke-tests and switches. Not for the docker target, whose load is
+        starting the version's container."""
+        from flywheel.core.events import alias_event_resource
+        from flywheel.core.settings import get_settings
+        from flywheel.tasks.rollout import WATCHED_ALIASES
+
+        settings = get_settings()
+        alias, version = payload.get("alias"), payload.get("version")
+        ours = resource_id == alias_event_resource(settings.model_name, alias)["prefect.resource.id"]
+        if ours and alias in WATCHED_ALIASES and version is not None and settings.deploy_target != "docker":
+            self.preparer.submit(self._prepare, str(alias), str(version))
+
+    @staticmethod
+    def _prepare(alias: str, version: str) -> None:
+        from flywheel.tasks.rollout import target_for
+
+        try:
+            answer = target_for(alias).prepare(version)
+            said = "loading it ahead" if answer.get("preparing") else answer.get("reason", "not prepared")
+            logger.info("'%s' moved to v%s: %s", alias, version, said)
+        except Exception as exc:  # noqa: BLE001 - only a head start: the run loads the version itself
+            logger.info("could not prepare v%s for '%s': %s", version, alias, exc)
 
     def alias_event_seen(self, name: str, alias: str, version: str, within_seconds: float) -> bool:
         """Whether the subscription delivered the alias event of this move in the last `within_seconds`."""
@@ -239,6 +267,7 @@ class AliasWatch:
         self.actions: list[dict[str, Any]] = []
 
     def check_once(self) -> list[dict[str, Any]]:
+        from flywheel.core.events import alias_event_resource
         from flywheel.tasks import reconciler, registry, runs
         from flywheel.tasks.rollout import WATCHED_ALIASES
         from flywheel.tasks.serving import TargetError
@@ -270,6 +299,9 @@ class AliasWatch:
         ]  # fmt: skip
         if behind and not runs.deploy_in_flight(self.model_name):
             for alias, status in behind:
+                if self.executor is not None:
+                    resource = alias_event_resource(self.model_name, alias)["prefect.resource.id"]
+                    self.executor.prepare_ahead(resource, {"alias": alias, "version": status["want"]})
                 run = start_deploy_run(self.model_name, alias, status["want"])
                 if self.executor is not None:
                     self.executor.expect_run()

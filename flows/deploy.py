@@ -51,7 +51,7 @@ def deploy_model(
             rec.outcome, rec.reason = "superseded", f"{rec.reason}; not switched in: {newer}"
             ledger.record(rec)
             return rollout.end_early(verdicts.Move("superseded", rec.version, rec.reason), name, alias)
-        target.swap()
+        target.swap(rec.version)  # the standby must still be the version smoke-tested
         logger.info("switched %s to v%s (previous: %s)", target.name, rec.version, previous or "none")
     seconds = get_settings().deploy_watch_seconds if watch_seconds is None else watch_seconds
     rollout.watch(rec, target, seconds, before, newer_move=lambda: rollout.moved_on(name, alias, rec.version))

@@ -97,6 +97,11 @@ class LocalTarget:
     def load(self, version: str) -> dict:
         return self._call("POST", "/admin/load", json={"version": str(version)})
 
+    def prepare(self, version: str) -> dict:
+        """Have the server load `version` ahead into its prepared slot (it never serves from there); `load` of the
+        same version then takes it at once. Best effort, answered without waiting for the load."""
+        return self._call("POST", "/admin/load", json={"version": str(version), "prepare": True})
+
     def smoke(
         self, records: list[dict], *, max_error_rate: float, max_p50_ms: float, slot: str = "standby"
     ) -> SmokeResult:
@@ -116,8 +121,9 @@ class LocalTarget:
             batch_ok=bool(body.get("batch_ok", True)),
         )
 
-    def swap(self) -> dict:
-        return self._call("POST", "/admin/swap")
+    def swap(self, version: str | None = None) -> dict:
+        """Switch traffic to the standby slot; with `version`, only if the standby holds that version."""
+        return self._call("POST", "/admin/swap", json={"version": str(version)} if version is not None else None)
 
     def rollback(self) -> dict:
         return self._call("POST", "/admin/rollback")
@@ -221,6 +227,9 @@ class DockerTarget(LocalTarget):
         except TargetError:
             return True
         return False
+
+    def prepare(self, version: str) -> dict:
+        return {"preparing": False, "reason": "the docker target loads a version by starting its container"}
 
     def load(self, version: str) -> dict:
         from flywheel.tasks.packaging import image_tag

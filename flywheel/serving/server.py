@@ -1,7 +1,10 @@
 """The model server's handler: `ModelServer`, the registered MLflow model of one name, blue/green in one process.
 
 Two slots: *active* serves; *standby* holds a version loaded beside it (`admin_load`), smoke-tested (`smoke`), then
-swapped in atomically (`swap`). The previous active stays loaded as standby, so a rollback is instant. It loads
+swapped in atomically (`swap`). The previous active stays loaded as standby, so a rollback is instant. A third,
+*prepared*, is filled ahead by `{"prepare": true}` (the deploy executor sends it the moment an alias moves, while
+Prefect creates the deployment's run): it never serves and is never swapped; a later load of the same version
+moves it into standby at once instead of reading the model again. It loads
 only versions (or aliases) of the configured model from the configured registry, never a URI from the request.
 
 Hot path: the slot is read once per request (a request finishes on the model it started with); jobs go to the
@@ -92,11 +95,12 @@ class ModelServer:
 
         self.active: Slot | None = None
         self.standby: Slot | None = None
+        self.prepared: Slot | None = None  # loaded ahead (`prepare`); becomes standby when that version is loaded
         self._slot_lock = threading.Lock()
         self._load_lock = threading.Lock()
         self.loading: dict | None = None
         self.last_load_error: dict | None = None
-        self._load_owner: str | None = None  # "initial" or "admin" while a load runs
+        self._load_owner: str | None = None  # "initial", "prepare" or "admin" while a load runs
         self._stop = threading.Event()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flywheel-load")
         self._offload = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flywheel-predict")
@@ -131,7 +135,7 @@ class ModelServer:
             self.request_log.close()
         self._loader.shutdown(wait=False, cancel_futures=True)
         self._offload.shutdown(wait=False, cancel_futures=True)
-        for slot in (self.active, self.standby):
+        for slot in (self.active, self.standby, self.prepared):
             if slot is not None:
                 _release(slot)
 
@@ -222,11 +226,66 @@ class ModelServer:
             self._load_owner = None
             self._load_lock.release()
 
+    def _load_prepared(self, version: str) -> None:
+        try:
+            slot = self._load(version, None)
+            with self._slot_lock:
+                old, self.prepared = self.prepared, slot
+            if old is not None:
+                _release(old)
+            logger.info("prepared %s v%s (loaded ahead of its deployment)", self.model_name, slot.version)
+        except Exception as exc:  # noqa: BLE001 - best effort: the deployment's own load reports the error
+            logger.info("preparing %s v%s failed: %s", self.model_name, version, exc)
+        finally:
+            self._load_owner = None
+            self._load_lock.release()
+
+    def _take_prepared(self, version: str) -> Slot | None:
+        """The prepared slot moved into standby when it holds `version` (the old standby released). A slot that
+        predicts through pyfunc while compiling is on is not taken: the deployment's packaging may have compiled
+        the version since it was prepared (a version registered outside Flywheel compiles there), so it loads again."""
+        with self._slot_lock:
+            slot = self.prepared
+            if slot is None or slot.version != version:
+                return None
+            self.prepared = None
+            stale = slot.compiled is None and self.compiled
+            if not stale:
+                old, self.standby = self.standby, slot
+                self.metrics.set_slots(self.active, self.standby)
+        if stale:
+            _release(slot)
+            return None
+        if old is not None:
+            _release(old)
+        logger.info("loaded %s v%s into standby (prepared ahead)", self.model_name, slot.version)
+        return slot
+
+    def _holds(self, version: str) -> bool:
+        return any(s is not None and s.version == version and s.upstream is None
+                   for s in (self.active, self.standby, self.prepared))  # fmt: skip
+
+    def prepare(self, version: str) -> tuple[int, dict]:
+        """Start loading `version` into the prepared slot, unless a slot holds it already or a load is running
+        (best effort: the deployment that follows loads it anyway). Never waits for the load."""
+        if self._holds(version):
+            return 200, {"slot": "prepared", "preparing": False, "reason": f"v{version} is loaded already"}
+        if not self._load_lock.acquire(blocking=False):
+            return 202, {"slot": "prepared", "preparing": False, "reason": f"a load is running: {self.loading}"}
+        self._load_owner = "prepare"
+        try:
+            self._loader.submit(self._load_prepared, version)
+        except BaseException:
+            self._load_owner = None
+            self._load_lock.release()
+            raise
+        return 202, {"slot": "prepared", "preparing": True, "requested": version}
+
     # ------------------------------------------------------------------ admin operations
     async def admin_load(self, body: dict) -> tuple[int, dict]:
         # Only a version or alias of the configured model: a `uri`, a path or another model's name is refused, never
         # silently read as "that version number of this model".
-        unknown = sorted(set(body) - {"version", "alias", "force", "wait", "name", "upstream"})
+        unknown = sorted(set(body) - {"version", "alias", "force", "wait", "name", "upstream", "prepare"})
         if unknown:
             raise ApiError(400, "INVALID_PARAMETER_VALUE",
                            f"unknown field(s) {', '.join(unknown)}: this server loads only versions of "
@@ -249,16 +308,31 @@ class ModelServer:
                 400, "INVALID_PARAMETER_VALUE",
                 f'"upstream" must be a base URL like "http://127.0.0.1:8080", got {str(upstream)[:100]!r}',
             )  # fmt: skip
+        if body.get("prepare"):
+            if version is None or upstream is not None:
+                raise ApiError(400, "INVALID_PARAMETER_VALUE", '"prepare" takes a "version" and no "upstream"')
+            return self.prepare(version)
         if version is not None and not body.get("force"):
             standby = self.standby
             if standby is not None and standby.version == version and standby.upstream == upstream:
                 return 200, {"slot": "standby", "already_loaded": True, "loaded": standby.info(), "state": self.state()}
         if not self._load_lock.acquire(blocking=False):
-            if self._load_owner != "initial":
+            owner = self._load_owner
+            if owner not in ("initial", "prepare", None):  # None: that load ended a moment ago
                 raise ApiError(409, "RESOURCE_CONFLICT", f"a load is already running: {self.loading}")
-            # the start-up load of the initial version is running: wait for it, then load
+            # the start-up load, or a version being prepared ahead (maybe this one): wait for it, then load
             if not await asyncio.to_thread(self._load_lock.acquire, True, INITIAL_LOAD_WAIT_SECONDS):
-                raise ApiError(409, "RESOURCE_CONFLICT", f"the initial load is still running: {self.loading}")
+                raise ApiError(409, "RESOURCE_CONFLICT", f"the {owner} load is still running: {self.loading}")
+        if version is not None and upstream is None and not body.get("force"):
+            try:
+                taken = self._take_prepared(version)
+            except BaseException:
+                self._load_lock.release()
+                raise
+            if taken is not None:
+                self._load_lock.release()
+                return 200, {"slot": "standby", "already_loaded": False, "prepared": True, "loaded": taken.info(),
+                             "state": self.state()}  # fmt: skip
         self._load_owner = "admin"
         try:
             fut: Future = self._loader.submit(self._load_standby, version, alias, upstream)
@@ -311,6 +385,7 @@ class ModelServer:
             "registry": _redact(self.registry_uri),
             "active": active.info() if active else None,
             "standby": standby.info() if standby else None,
+            "prepared": self.prepared.version if self.prepared else None,
             "loading": self.loading,
             "last_load_error": self.last_load_error,
             "counters": dict(self.counters),

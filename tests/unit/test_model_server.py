@@ -279,6 +279,57 @@ def test_load_smoke_swap_rollback(served, registry, rows):
     assert again["already_loaded"] is True
 
 
+def test_a_version_prepared_ahead_never_serves_and_its_load_takes_it_at_once(registry, rows):
+    """`prepare` loads into a slot that traffic, swap and rollback never reach; the deployment's own load of that
+    version then moves it into standby without reading the model again, and the swap checks the version. (These
+    versions have no compiled form: with compiling on, a prepared pyfunc slot is loaded again, see below.)"""
+    app = create_app(MODEL, registry["uri"], admin_token=ADMIN, initial_version="1", compiled=False)
+    payload = {"dataframe_records": records_json(rows.head(3))}
+    with TestClient(app) as client:
+        wait_until(lambda: client.get("/ping").status_code == 200, what="v1 serving")
+        server = app.state.server
+        for bad in ({"version": "2", "prepare": True, "upstream": "http://127.0.0.1:9"},
+                    {"alias": "champion", "prepare": True}):  # fmt: skip
+            resp = client.post("/admin/load", json=bad, headers=AUTH)
+            assert resp.status_code == 400 and "prepare" in resp.json()["message"], resp.text
+        active = client.post("/admin/load", json={"version": "1", "prepare": True}, headers=AUTH)
+        assert active.status_code == 200 and active.json()["preparing"] is False  # it serves: nothing to prepare
+        started = client.post("/admin/load", json={"version": "2", "prepare": True}, headers=AUTH)
+        assert started.status_code == 202 and started.json()["preparing"] is True, started.text
+        wait_until(lambda: client.get("/admin/state", headers=AUTH).json()["prepared"] == "2", what="v2 prepared")
+        loads = server.counters["loads"]
+        state = client.get("/admin/state", headers=AUTH).json()
+        assert state["standby"] is None and state["active"]["version"] == "1"
+        assert client.post("/invocations", json=payload).headers["X-Flywheel-Model-Version"] == "1"
+        assert client.post("/admin/swap", headers=AUTH).status_code == 409  # prepared is not standby
+        assert client.post("/admin/rollback", headers=AUTH).status_code == 409
+        loaded = client.post("/admin/load", json={"version": "2"}, headers=AUTH)
+        assert loaded.status_code == 200 and loaded.json()["prepared"] is True, loaded.text
+        assert server.counters["loads"] == loads  # taken from the prepared slot, not loaded again
+        state = client.get("/admin/state", headers=AUTH).json()
+        assert state["standby"]["version"] == "2" and state["prepared"] is None
+        assert client.post("/admin/swap", json={"version": "1"}, headers=AUTH).status_code == 409  # not the standby
+        assert client.post("/admin/swap", json={"version": "2"}, headers=AUTH).status_code == 200
+        resp = client.post("/invocations", json=payload)
+        assert resp.headers["X-Flywheel-Model-Version"] == "2"
+        assert resp.json()["predictions"] == expected(registry, rows.head(3), "2")
+
+
+def test_a_prepared_version_without_its_compiled_form_is_loaded_again_while_compiling_is_on(registry):
+    """Prepared before the deployment's packaging compiled it, the slot would serve pyfunc: the load reads the
+    version again (and so gets the compiled form once there is one)."""
+    app = create_app(MODEL, registry["uri"], admin_token=ADMIN, initial_version="1")
+    with TestClient(app) as client:
+        wait_until(lambda: client.get("/ping").status_code == 200, what="v1 serving")
+        server = app.state.server
+        assert client.post("/admin/load", json={"version": "2", "prepare": True}, headers=AUTH).status_code == 202
+        wait_until(lambda: server.prepared is not None, what="v2 prepared")
+        loads = server.counters["loads"]
+        loaded = client.post("/admin/load", json={"version": "2"}, headers=AUTH).json()
+        assert "prepared" not in loaded and server.counters["loads"] == loads + 1 and server.prepared is None
+        assert loaded["loaded"]["version"] == "2"
+
+
 def test_metrics_parse_and_move(served):
     client, _, _ = served
 

@@ -100,9 +100,13 @@ class Executor:
 
     def __init__(self) -> None:
         self.expected = 0
+        self.prepared: list[tuple[str, dict]] = []
 
     def expect_run(self, seconds: float = 0.0) -> None:
         self.expected += 1
+
+    def prepare_ahead(self, resource_id: str, payload: dict) -> None:
+        self.prepared.append((resource_id, payload))
 
     def alias_event_seen(self, name, alias, version, within_seconds) -> bool:
         return False
@@ -117,6 +121,7 @@ def test_the_watch_tells_the_executor_a_run_is_on_its_way_only_when_it_emitted(w
     world.statuses["champion"] = {"want": "4", "have": "3", "deployed": False}
     watch.check_once()
     assert warm.expected == 1 and len(world.emitted) == 1
+    assert warm.prepared == [("mlflow.registered_model.m", {"alias": "champion", "version": "4"})]  # loaded ahead
 
 
 def test_a_move_whose_alias_event_the_subscription_delivered_is_left_to_its_webhook_run(world):
@@ -149,3 +154,32 @@ def test_warm_imports_name_the_modules_that_are_missing():
     from flywheel.core.imports import warm_imports
 
     assert warm_imports(("json", "flywheel_no_such_module")) == ["flywheel_no_such_module"]
+
+
+class Submitted(list):
+    def submit(self, fn, *args):
+        self.append(args)
+
+
+@pytest.mark.parametrize(
+    ("model", "alias", "target", "prepared"),
+    [("m", "champion", "local", [("champion", "4")]), ("m", "challenger", "kubernetes", [("challenger", "4")]),
+     ("other-model", "champion", "local", []), ("m", "staging-only", "local", []), ("m", "champion", "docker", [])],
+)  # fmt: skip
+def test_an_alias_event_prepares_the_version_on_its_server_only_for_a_watched_alias_of_this_model(
+    monkeypatch, model, alias, target, prepared
+):
+    from flywheel.core.events import alias_event_resource
+    from flywheel.core.settings import get_settings
+
+    monkeypatch.setenv("FLYWHEEL_MODEL_NAME", "m")
+    monkeypatch.setenv("FLYWHEEL_DEPLOY_TARGET", target)
+    get_settings.cache_clear()
+    warm = executor.WarmExecutor.__new__(executor.WarmExecutor)  # no Prefect: only the event handling
+    warm.preparer = Submitted()
+    try:
+        warm.prepare_ahead(alias_event_resource(model, alias)["prefect.resource.id"],
+                           {"name": model, "alias": alias, "version": "4"})  # fmt: skip
+    finally:
+        get_settings.cache_clear()
+    assert list(warm.preparer) == prepared
