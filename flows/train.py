@@ -1,4 +1,4 @@
-"""The `train` flow: pull → validate → split → train → evaluate → register → gate → promote.
+"""The `train` flow: pull → validate → split → train → evaluate → register → gate → compile → promote.
 
 The steps are composed once, in `run_train`, from a table of step callables: the flow's Prefect tasks
 (`TrainSteps()`), or the same functions without Prefect (`TrainSteps().bare()`, the benchmark's bare script).
@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flywheel.core.settings import get_settings
-from flywheel.tasks import candidates, data, registry, tracking, training, training_run, validation
+from flywheel.tasks import candidates, data, packaging, registry, tracking, training, training_run, validation
 from flywheel.tasks import gate as gating
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ class TrainSteps:
     gate: Callable[[dict[str, float], str, training.Split, DatasetSpec, gating.GateThresholds], gating.GateDecision] = (
         gating.gate
     )
+    compile: Callable[[str, str], str] = packaging.compile_model
     promote: Callable[[str, str, gating.GateDecision], bool] = gating.promote
 
     def bare(self) -> TrainSteps:
@@ -150,6 +151,8 @@ def gate_and_promote(
     decides, and say so."""
     thresholds = gating.thresholds_from_settings(plan.spec)
     decision = steps.gate(metrics, plan.model_name, parts, plan.spec, thresholds)
+    if decision.passed:  # compiled before the alias moves, so its deployment does not wait for it
+        steps.compile(plan.model_name, version)
     promoted = steps.promote(plan.model_name, version, decision)
     logger.info("gate %s: %s", "passed" if promoted else "failed", "; ".join(decision.reasons))
     return plan.result(status, version, promoted, dhash, report, metrics, decision.as_dict(), summaries)

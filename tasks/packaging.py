@@ -191,6 +191,23 @@ def compile_for_serving(model_name: str, version: str, enabled: bool | None = No
         return f"compiled: no (compilation failed: {type(exc).__name__}: {str(exc)[:300]})"
 
 
+@task(name="compile-model", cache_policy=NO_CACHE)
+def compile_model(model_name: str, version: str) -> str:
+    """`compile_for_serving` as the train flow's step for a version about to be promoted: its deployment then
+    reuses the verdict instead of compiling on the alias move's clock, and the model server can load the compiled
+    form ahead (its prepared slot)."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    verdict = compile_for_serving(model_name, version)
+    try:
+        log = get_run_logger()
+    except MissingContextError:  # the bare steps (TrainSteps().bare()) run it outside Prefect
+        log = logging.getLogger("flywheel.packaging")
+    log.info("%s v%s %s", model_name, version, verdict)
+    return verdict
+
+
 def package_version(
     model_name: str, version: str, work_dir: Path, build: bool = True, compile_model: bool | None = None
 ) -> Package:
