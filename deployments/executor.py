@@ -50,6 +50,7 @@ DEPLOY_IMPORTS = ("prefect.flow_engine", "mlflow.pyfunc", "mlflow.sklearn", "mlf
                 "sklearn.pipeline", "sklearn.compose", "sklearn.ensemble", "pyarrow.parquet", "skl2onnx", "onnx",
                 "onnxruntime", "flywheel.tasks.compiling.convert", "flywheel.tasks.rollout")  # fmt: skip
 STAGE_CHECK_SECONDS = 60.0  # how often the watch looks for versions moved to the legacy Production stage
+PREPARE_LOCK_SECONDS = 300.0  # a packaging holding the lock longer: the run compiles and loads without a head start
 RECENT_EVENT_SECONDS = 30.0  # an alias event this recent for the same move is still on its way to a run
 
 
@@ -185,13 +186,19 @@ class WarmExecutor:
         alias, version = payload.get("alias"), payload.get("version")
         ours = resource_id == alias_event_resource(settings.model_name, alias)["prefect.resource.id"]
         if ours and alias in WATCHED_ALIASES and version is not None and settings.deploy_target != "docker":
-            self.preparer.submit(self._prepare, str(alias), str(version))
+            self.preparer.submit(self._prepare, settings.model_name, str(alias), str(version))
 
     @staticmethod
-    def _prepare(alias: str, version: str) -> None:
+    def _prepare(name: str, alias: str, version: str) -> None:
+        """Compile the version first when nothing has (a version registered outside Flywheel: the run's packaging
+        would compile it on the move's clock), under the packaging lock so the run's packaging then reuses the
+        verdict; then ask its server to load it ahead, compiled."""
+        from flywheel.tasks import locks, packaging
         from flywheel.tasks.rollout import target_for
 
         try:
+            with locks.held(locks.package_lock(name), timeout_seconds=PREPARE_LOCK_SECONDS):
+                packaging.compile_for_serving(name, version)  # reuses a verdict already on the version's run
             answer = target_for(alias).prepare(version)
             said = "loading it ahead" if answer.get("preparing") else answer.get("reason", "not prepared")
             logger.info("'%s' moved to v%s: %s", alias, version, said)
