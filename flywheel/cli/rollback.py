@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import uuid
 from collections.abc import Callable
 
 from flywheel.core.errors import UserError
@@ -71,6 +72,8 @@ def run_rollback(
 
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
 POLL_SECONDS = 0.5
+RETRIES = 5
+RETRY_STATUSES = (429, 502, 503)
 
 
 def _run_deployment(api_url: str, params: dict, timeout: float) -> dict:
@@ -88,17 +91,39 @@ def _run_deployment(api_url: str, params: dict, timeout: float) -> dict:
         import base64
 
         headers["Authorization"] = "Basic " + base64.b64encode(os.environ["PREFECT_API_AUTH_STRING"].encode()).decode()
-    with httpx.Client(base_url=api_url.rstrip("/"), timeout=30, headers=headers) as http:
-        try:
-            found = http.get(f"/deployments/name/{DEPLOYMENT}")
-        except httpx.HTTPError as exc:
-            raise UserError(f"the Prefect server at {api_url} is unreachable: {exc}") from None
+    idempotency_key = f"flywheel-rollback-{uuid.uuid4()}"  # a retried create makes one run, not two
+    # Read timeout past Prefect's SQLite busy timeout (60 s): a request queued behind a locked database is answered.
+    timeout_cfg = httpx.Timeout(90, connect=10)
+    with httpx.Client(base_url=api_url.rstrip("/"), timeout=timeout_cfg, headers=headers) as http:
+
+        def call(method: str, path: str, **kwargs) -> httpx.Response:
+            """One API call, retried on 429/502/503 with a growing pause, as Prefect's own client does
+            (PREFECT_CLIENT_MAX_RETRIES): a busy SQLite-backed server answers 503 for a moment."""
+            for attempt in range(RETRIES + 1):
+                try:
+                    resp = http.request(method, path, **kwargs)
+                except httpx.TransportError as exc:
+                    if attempt == RETRIES:
+                        raise UserError(f"the Prefect server at {api_url} is unreachable: {exc}") from None
+                else:
+                    if resp.status_code not in RETRY_STATUSES or attempt == RETRIES:
+                        return resp
+                time.sleep(min(2**attempt, 10))
+            raise AssertionError("unreachable")
+
+        def ok(resp: httpx.Response, what: str) -> dict:
+            if resp.status_code >= 400:
+                raise UserError(f"the Prefect server at {api_url} refused to {what}: HTTP {resp.status_code} "
+                                f"{resp.text[:300]}")  # fmt: skip
+            return resp.json()
+
+        found = call("GET", f"/deployments/name/{DEPLOYMENT}")
         if found.status_code == 404:
             raise UserError(f"deployment {DEPLOYMENT} is not on the Prefect server at {api_url}")
-        found.raise_for_status()
-        created = http.post(f"/deployments/{found.json()['id']}/create_flow_run", json={"parameters": params})
-        created.raise_for_status()
-        run = created.json()
+        deployment = ok(found, f"read the deployment {DEPLOYMENT}")
+        created = call("POST", f"/deployments/{deployment['id']}/create_flow_run",
+                       json={"parameters": params, "idempotency_key": idempotency_key})  # fmt: skip
+        run = ok(created, f"start a run of {DEPLOYMENT}")
         deadline = time.monotonic() + timeout
         while ((run.get("state") or {}).get("type") not in FINAL_STATES) and time.monotonic() < deadline:
             time.sleep(POLL_SECONDS)
@@ -106,6 +131,6 @@ def _run_deployment(api_url: str, params: dict, timeout: float) -> dict:
                 resp = http.get(f"/flow_runs/{run['id']}")
                 resp.raise_for_status()
                 run = resp.json()
-            except httpx.HTTPError:  # the server restarting: keep waiting until the deadline
+            except httpx.HTTPError:  # the server busy or restarting: keep waiting until the deadline
                 continue
         return run
