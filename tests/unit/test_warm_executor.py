@@ -163,7 +163,8 @@ class Submitted(list):
 
 @pytest.mark.parametrize(
     ("model", "alias", "target", "prepared"),
-    [("m", "champion", "local", [("m", "champion", "4")]), ("m", "challenger", "kubernetes", [("m", "challenger", "4")]),
+    [("m", "champion", "local", [("m", "champion", "4")]),
+     ("m", "challenger", "kubernetes", [("m", "challenger", "4")]),
      ("other-model", "champion", "local", []), ("m", "staging-only", "local", []), ("m", "champion", "docker", [])],
 )  # fmt: skip
 def test_an_alias_event_prepares_the_version_on_its_server_only_for_a_watched_alias_of_this_model(
