@@ -259,6 +259,7 @@ class ModelServer:
         if old is not None:
             _release(old)
         logger.info("loaded %s v%s into standby (prepared ahead)", self.model_name, slot.version)
+        self._after_load()  # as `_load_standby` does: its model objects out of the collector's way
         return slot
 
     def _holds(self, version: str) -> bool:
