@@ -170,6 +170,20 @@ def train_first_champion(stack, client, model: str, timeout: float = 180):
     run_cli([flywheel, "train", "--start", "2013-01-01", "--end", "2013-01-15"], env, timeout=600)
     first = client.get_model_version_by_alias(model, "champion")
     wait_for(f"v{first.version} to serve", lambda: served_version(urls) == first.version, timeout=timeout)
+    # The training set more than one alias (challenger, then champion) and each move starts a deploy-model run; a
+    # run Prefect's automation starts late must not land in the next test's window, so wait for one finished run
+    # per alias the version holds.
+    aliases = set(client.get_model_version(model, first.version).aliases)
+
+    def deployed():
+        body = {"flows": {"name": {"any_": ["deploy-model"]}}, "limit": 200}
+        runs = [r for r in prefect_api(urls, "POST", "/flow_runs/filter", json=body)
+                if r["parameters"].get("name") == model and str(r["parameters"].get("version")) == first.version
+                and r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")]  # fmt: skip
+        return aliases <= {r["parameters"].get("alias") for r in runs}
+
+    wait_for(f"a finished deploy-model run of v{first.version} for each of {sorted(aliases)}", deployed,
+             timeout=timeout)
     return first
 
 
