@@ -209,7 +209,9 @@ def test_lost_webhook_is_caught_by_the_reconciler(stack, client, tmp_path):
         finally:
             client.delete_webhook(hook.webhook_id)
     assert served_version(urls) == first  # nobody heard the move
-    assert not [r for r in _deploy_runs(urls) if r["created_ts"] >= since], "a deployment ran without the bridge"
+    # (of v3: a run the previous test's moves started may still be created late by Prefect's automation)
+    assert not [r for r in _deploy_runs(urls) if r["created_ts"] >= since and str(r["parameters"].get("version")) == v3
+                ], "a deployment ran without the bridge"
     run_cli([str(BIN / "prefect"), "deployment", "run", "reconcile/every-minute", "--watch"], env)
     outcome = _wait(f"v{v3}'s deployment", lambda: client.get_model_version(MODEL, v3).tags.get("deploy_outcome"),
                     timeout=180)  # fmt: skip

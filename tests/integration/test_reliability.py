@@ -71,9 +71,14 @@ def terminal(run: dict) -> bool:
     return run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
-def wait_deploys_done(urls, since: dt.datetime, at_least: int = 1, timeout: float = 180) -> list[dict]:
+def wait_deploys_done(urls, since: dt.datetime, versions: list[str], timeout: float = 180) -> list[dict]:
+    """The deploy-model runs of `versions` created since `since`, once there is one for each and all have ended
+    (only those: a run of an earlier test's move can be created late by Prefect's automation)."""
+
     def done():
-        runs = [r for r in flow_runs(urls, "deploy-model", since) if r["parameters"].get("name") == MODEL]
+        runs = [r for r in flow_runs(urls, "deploy-model", since) if r["parameters"].get("name") == MODEL
+                and str(r["parameters"].get("version")) in versions]  # fmt: skip
+        at_least = len(versions)
         return runs if len(runs) >= at_least and all(terminal(r) for r in runs) else None
 
     return _wait("the deploy-model runs to finish", done, timeout=timeout, interval=1.0)
@@ -257,7 +262,8 @@ def test_model_loading_only_from_the_configured_registry(stack, client, trained)
 
     def settled():
         runs = flow_runs(urls, "deploy-model", since)
-        return runs if len(runs) >= 2 and all(terminal(r) for r in runs) else None
+        moves = {(r["parameters"].get("name"), str(r["parameters"].get("version"))) for r in runs}
+        return runs if {(INTRUDER, intruder_v), (MODEL, "987")} <= moves and all(terminal(r) for r in runs) else None
 
     runs = _wait("deploy-model runs for the intruder and the missing version", settled, timeout=180, interval=1.0)
     by_name = {(r["parameters"].get("name"), str(r["parameters"].get("version"))): r for r in runs}
@@ -287,7 +293,7 @@ def test_two_alias_moves_within_a_second_end_on_the_last_and_never_overlap(stack
     client.set_registered_model_alias(MODEL, "champion", va)
     client.set_registered_model_alias(MODEL, "champion", vb)
     _wait(f"v{vb} to serve", lambda: served_version(urls["model_url"]) == vb)
-    runs = wait_deploys_done(urls, since, at_least=2)
+    runs = wait_deploys_done(urls, since, [va, vb])
     assert served_version(urls["model_url"]) == vb
     assert client.get_model_version_by_alias(MODEL, "champion").version == vb
     # Both moves reached Prefect (one event, one deploy-model run each).
