@@ -11,6 +11,7 @@ Prefect, bridge, model server); this module only drives it and writes down what 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -432,6 +433,39 @@ def publish(loop: Loop, rows: list[MonthRow], out_dir: Path) -> dict:
     return summary
 
 
+# The schedules a replay must not meet: an hourly drift check (or the nightly retraining) firing mid-replay works on
+# months the demo replays in seconds, and could schedule a retraining the demo never asked for.
+PAUSED_DURING_REPLAY = ("check-drift/cron", "train/cron")
+
+
+@contextlib.contextmanager
+def schedules_paused(echo: Callable[[str], None], names: tuple[str, ...] = PAUSED_DURING_REPLAY):
+    """Pause the schedules of `names` (Prefect's deployment pause: no new scheduled runs, pending ones deleted;
+    runs started by hand still run) for the replay, and resume those this paused when it ends, however it ends.
+    One already paused by a person stays paused."""
+    from prefect.client.orchestration import get_client
+
+    paused: list[str] = []
+    with get_client(sync_client=True) as client:
+        for name in names:
+            deployment = client.read_deployment_by_name(name)
+            if not deployment.paused:
+                client.pause_deployment(deployment.id)
+                paused.append(name)
+    if paused:
+        echo(f"Paused the schedules of {', '.join(paused)} while the months replay (resumed at the end).")
+    try:
+        yield paused
+    finally:
+        for name in paused:
+            try:
+                with get_client(sync_client=True) as client:
+                    client.resume_deployment(client.read_deployment_by_name(name).id)
+            except Exception as exc:  # noqa: BLE001 - the replay's own error (if any) is the one to show
+                echo(f"Could not resume the schedule of {name} ({exc}): switch it back on from its page in the "
+                     "Prefect UI.")  # fmt: skip
+
+
 def run_demo(settings: Settings, *, months: int | None, keep: bool, echo: Callable[[str], None] = print) -> dict:
     from prefect.context import refresh_global_settings_context
 
@@ -452,7 +486,8 @@ def run_demo(settings: Settings, *, months: int | None, keep: bool, echo: Callab
     echo(f"MLflow UI: {urls['mlflow_url']}   Prefect UI: {urls['prefect_url']}   model: {urls['model_url']}")
     try:
         loop = Loop(settings, urls, echo)
-        rows = replay(loop, months)
+        with schedules_paused(echo):
+            rows = replay(loop, months)
         summary = publish(loop, rows, local.state_dir(settings))
         loop.wait_deployments_idle()
         echo("")
