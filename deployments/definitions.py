@@ -20,9 +20,10 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from flywheel.core.events import ALIAS_EVENT, DRIFT_EVENT
+from flywheel.core.events import ALIAS_EVENT, ALIAS_RUN_CREATED_EVENT, DRIFT_EVENT
 
 if TYPE_CHECKING:  # prefect takes ~2 s to import
     from prefect.deployments.runner import RunnerDeployment
@@ -32,6 +33,10 @@ if TYPE_CHECKING:  # prefect takes ~2 s to import
 
 WORK_POOL = "flywheel"  # the process pool of infra/ (infra/worker/render_deployments.py retargets the others)
 WORK_QUEUE = "default"
+# A deployment whose runs the warm executor creates itself (deployments/executor.py) keeps its trigger as a fallback
+# that fires this long after an event the executor did not answer: the automation took 0.4-14 s to create a run on
+# this machine, the executor ~0.1 s; a second run, when the answer comes late, finds the move already deployed.
+FALLBACK_SECONDS = 30
 
 
 @dataclass(frozen=True)
@@ -44,15 +49,28 @@ class EventTrigger:
     resource: str
     parameters: Mapping[str, str]
 
-    def to_prefect(self) -> DeploymentEventTrigger:
+    # For `to_prefect(fallback=True)`: the event a long-lived process emits once it has created the run itself.
+    created_event: str | None = None
+    for_each: tuple[str, ...] = ()  # resource labels that tell two moves apart (with the resource id)
+
+    def to_prefect(self, fallback: bool = False) -> DeploymentEventTrigger:
+        """Prefect's trigger: reactive (run on every `event`), or with `fallback` proactive — run only when no
+        `created_event` for the same resource follows `event` within FALLBACK_SECONDS (Prefect's own "expect X
+        after Y" posture), for a process that creates the runs itself faster than the automation does."""
         from prefect.events import DeploymentEventTrigger
 
+        if not fallback:
+            return DeploymentEventTrigger(name=self.name, expect={self.event},
+                                          match={"prefect.resource.id": self.resource},
+                                          parameters=dict(self.parameters))  # fmt: skip
+        if self.created_event is None:
+            raise ValueError(f"trigger {self.name} has no created_event to fall back on")
         return DeploymentEventTrigger(
-            name=self.name,
-            expect={self.event},
-            match={"prefect.resource.id": self.resource},
+            name=self.name, posture="Proactive", after={self.event}, expect={self.created_event},
+            for_each={"prefect.resource.id", *self.for_each}, threshold=1,
+            within=timedelta(seconds=FALLBACK_SECONDS), match={"prefect.resource.id": self.resource},
             parameters=dict(self.parameters),
-        )
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -96,6 +114,8 @@ ALIAS_TRIGGER = EventTrigger(
         # A bare UUID fails to render on the server side only (InvalidJinja in its log): stringify it.
         "event_id": "{{ event.id | string }}",
     },
+    created_event=ALIAS_RUN_CREATED_EVENT,
+    for_each=("mlflow.alias",),
 )
 
 DRIFT_TRIGGER = EventTrigger(
@@ -133,9 +153,12 @@ def load_flow(entrypoint: str) -> Any:
     return getattr(importlib.import_module(module), attribute)
 
 
-def build_deployments(settings: Settings | None = None, unscheduled: tuple[str, ...] = ()) -> list[RunnerDeployment]:
+def build_deployments(settings: Settings | None = None, unscheduled: tuple[str, ...] = (),
+                      runs_created_for: tuple[str, ...] = ()) -> list[RunnerDeployment]:  # fmt: skip
     """RunnerDeployments for `serve` (one process), with the schedules of `settings` (default: `get_settings()`);
-    the deployments named in `unscheduled` (full names) get none: something else starts them."""
+    the deployments named in `unscheduled` (full names) get none: something else starts them. Those named in
+    `runs_created_for` get their trigger as a fallback (`EventTrigger.to_prefect`): a process creates their runs
+    from the events itself."""
     from flywheel.core.settings import get_settings
 
     settings = settings or get_settings()
@@ -146,7 +169,7 @@ def build_deployments(settings: Settings | None = None, unscheduled: tuple[str, 
                 name=d.name,
                 description=d.description,
                 **((None if d.full_name in unscheduled else d.schedule(settings)) or {}),
-                triggers=[d.trigger.to_prefect()] if d.trigger else None,
+                triggers=[d.trigger.to_prefect(fallback=d.full_name in runs_created_for)] if d.trigger else None,
                 parameters=dict(d.parameters) or None,
                 concurrency_limit=d.concurrency_limit,
             )

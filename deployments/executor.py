@@ -1,9 +1,15 @@
 """The warm deploy path: run `deploy-model` flow runs in this long-lived process, where prefect, mlflow and
 scikit-learn are already imported, instead of waiting for a runner poll and a fresh interpreter (~10 s here).
 
-Each run stays a real Prefect flow run of its deployment: created by the alias trigger (or `prefect deployment
-run`), with its logs, states, artifact and heartbeats. The executor only changes who starts it:
+Each run stays a real Prefect flow run of its deployment, with its logs, states, artifact and heartbeats. The
+executor changes who creates and who starts it:
 
+- an alias event's `deploy-model/on-alias` run is created here, from the event as the subscription delivers it,
+  with the parameters Prefect's alias trigger would render and the event id as idempotency key
+  (`start_from_event`). Prefect's automation took 0.4-14 s from event to run (bench/latency); this takes ~0.1 s.
+  The trigger stays, as the fallback: in this process's deployments it is proactive and fires only when no
+  `flywheel.alias-move.run-created` event follows the alias event within FALLBACK_SECONDS (the executor down,
+  or Prefect's events lagging: that second run finds the move deployed). `prefect deployment run` works as ever;
 - it subscribes to `prefect.flow-run.Scheduled` events of the deployment and to the alias events whose trigger
   creates them (after one it reads the Scheduled runs every BURST_SECONDS for a few seconds; otherwise every
   `SWEEP_SECONDS`, in case an event was missed) and claims a due run by proposing Pending, exactly as Prefect's
@@ -67,7 +73,9 @@ class WarmExecutor:
         self.sweep_seconds = sweep_seconds
         self.pool = ThreadPoolExecutor(max_workers=max_runs, thread_name_prefix="warm-run")
         self.preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-prepare")
+        self.starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-start")  # one: moves in order
         self.claimed: set[UUID] = set()
+        self.rollbacks: dict[UUID, dict] = {}  # the rollback runs running here now: their parameters
         self.stopping = threading.Event()
         self.wake = threading.Event()  # set by an alias event: sweep now, then every BURST_SECONDS for a while
         self.burst_until = 0.0
@@ -118,9 +126,9 @@ class WarmExecutor:
                 flt = EventFilter(event=EventNameFilter(name=[SCHEDULED_EVENT, ALIAS_EVENT]), occurred=since)
                 async with get_events_subscriber(filter=flt, reconnect_on_clean_close=True) as subscriber:
                     async for event in subscriber:
-                        if event.event == ALIAS_EVENT:  # its deploy-model run is on the way: look out for it
+                        if event.event == ALIAS_EVENT:  # create its deploy-model run, and get the version ready
                             self.saw_alias_event(event.resource.id, event.payload)
-                            self.expect_run()
+                            self.start_from_event(event.id, dict(event.resource), event.payload)
                             self.prepare_ahead(event.resource.id, event.payload)
                             continue
                         related = {r.id for r in event.related}
@@ -160,13 +168,70 @@ class WarmExecutor:
             since = (datetime.now(UTC) - run.created).total_seconds() if run.created else float("nan")
             logger.info("running flow run %s (%s) warm, claimed %.2f s after it was created", run.name, full_name,
                         since)  # fmt: skip
+            if full_name == ROLLBACK_DEPLOYMENT:
+                self.rollbacks[flow_run_id] = dict(run.parameters or {})
             final = run_flow(self.flows[full_name], flow_run=run, return_type="state")
             self.ran += 1
             logger.info("flow run %s ended %s", run.name, getattr(final, "type", final))
         except Exception:
             logger.exception("warm run of %s failed outside the flow", flow_run_id)
         finally:
+            self.rollbacks.pop(flow_run_id, None)
             self.claimed.discard(flow_run_id)
+
+    def start_from_event(self, event_id: UUID, resource: dict[str, str], payload: dict) -> None:
+        """Create the `deploy-model/on-alias` run of an alias event and claim it at once, instead of waiting for
+        Prefect's automation (0.4-14 s from event to run on this machine, most of a move's time). The run gets
+        what the automation would render from the event (`deployments.definitions.ALIAS_TRIGGER`), and the event id
+        as its idempotency key: an event delivered twice makes one run. The automation stays as the fallback: its
+        trigger (proactive in this process's deployments) fires only when no `ALIAS_RUN_CREATED_EVENT` follows."""
+        self.starter.submit(self._start_from_event, event_id, resource, payload)
+
+    def _start_from_event(self, event_id: UUID, resource: dict[str, str], payload: dict) -> None:
+        from prefect.client.orchestration import get_client
+
+        from flywheel.tasks.events import announce_run_created
+
+        if payload.get("name") is None or payload.get("version") is None:
+            return  # not an alias move the trigger would render a run for
+        parameters = {"name": str(payload["name"]), "version": str(payload["version"]),
+                      "alias": str(payload.get("alias")), "trigger": "event", "event_id": str(event_id)}  # fmt: skip
+        rollback = self.rollback_moving(parameters["name"], parameters["alias"])
+        if rollback is not None:  # the rollback moved the alias and deploys the version itself, without a watch
+            try:
+                announce_run_created(event_id, resource, payload, rollback)
+            except Exception as exc:  # noqa: BLE001 - the fallback's run then finds the version serving
+                logger.warning("could not say rollback run %s deploys alias event %s: %s", rollback, event_id, exc)
+            logger.info("alias event %s: the rollback run %s running here deploys v%s", event_id, rollback,
+                        parameters["version"])  # fmt: skip
+            return
+        try:
+            with get_client(sync_client=True) as client:
+                self._resolve_deployments(client)
+                deployment_id = next((i for i, n in self.deployment_ids.items() if n == DEPLOY_DEPLOYMENT), None)
+                if deployment_id is None:
+                    return  # `serve` has not created it yet: the automation's fallback will
+                run = client.create_flow_run_from_deployment(deployment_id, parameters=parameters,
+                                                             idempotency_key=f"alias event {event_id}")  # fmt: skip
+            self.submit(run.id)
+            announce_run_created(event_id, resource, payload, run.id)
+            logger.info("alias event %s: created deploy-model run %s for v%s of '%s'", event_id, run.name,
+                        parameters["version"], parameters["alias"])  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - the automation's fallback and the alias watch still catch it
+            logger.warning("could not start the run of alias event %s: %s", event_id, exc)
+
+    def rollback_moving(self, name: str, alias: str) -> UUID | None:
+        """The rollback run running here that moves `alias` of `name` (it set the alias, and its own deployment
+        follows at once): a second run from the move's event would race it for the deployment lock, and when it
+        won, deploy the version with the post-switch watch the rollback leaves out."""
+        from flywheel.core.settings import get_settings
+        from flywheel.tasks.registry import CHAMPION
+
+        for run_id, params in list(self.rollbacks.items()):
+            ours = (params.get("name") or get_settings().model_name) == name
+            if ours and (params.get("alias") or CHAMPION) == alias:  # the flow's own defaults
+                return run_id
+        return None
 
     def saw_alias_event(self, resource_id: str, payload: dict) -> None:
         now = time.monotonic()
@@ -241,6 +306,7 @@ class WarmExecutor:
 
 
 DEPLOY_DEPLOYMENT = "deploy-model/on-alias"
+ROLLBACK_DEPLOYMENT = "rollback/manual"
 
 
 def start_deploy_run(name: str, alias: str, version: str) -> str:

@@ -5,7 +5,9 @@ runner (which polls every PREFECT_RUNNER_POLL_FREQUENCY, 2 s here, and starts ea
 the process runs on threads:
 
 - the warm executor (deployments/executor.py): `deploy-model`, `rollback` and `reconcile` runs are claimed as soon
-  as they are Scheduled and run here, already imported. Those deployments are applied here, not given to the
+  as they are Scheduled and run here, already imported. It creates the alias trigger's `deploy-model` runs itself,
+  from the alias events; the deployment's trigger is applied as its fallback (proactive: it fires only when the
+  executor did not say it created the run). Those deployments are applied here, not given to the
   runner: a runner serving them too would race the executor for each run and start the ones it won cold;
 - the warm imports: what the first deployment's packaging and smoke test need (skl2onnx, mlflow.pyfunc, …), imported
   at start instead of on that deployment's clock;
@@ -32,7 +34,13 @@ def main() -> None:
     from flywheel.core.imports import warm_imports
     from flywheel.core.settings import get_settings
     from flywheel.deployments.definitions import build_deployments
-    from flywheel.deployments.executor import DEPLOY_IMPORTS, WARM_DEPLOYMENTS, AliasWatch, WarmExecutor
+    from flywheel.deployments.executor import (
+        DEPLOY_DEPLOYMENT,
+        DEPLOY_IMPORTS,
+        WARM_DEPLOYMENTS,
+        AliasWatch,
+        WarmExecutor,
+    )
 
     logging.getLogger("flywheel.executor").setLevel(logging.INFO)  # Prefect's handlers print it to the log
     settings = get_settings()
@@ -43,7 +51,8 @@ def main() -> None:
     for name, target in threads:
         threading.Thread(target=target, name=name, daemon=True).start()
     runner_served = []
-    for deployment in build_deployments(settings, unscheduled=(RECONCILE,)):
+    # The executor creates the alias trigger's runs from the events itself; Prefect's trigger stays as its fallback.
+    for deployment in build_deployments(settings, unscheduled=(RECONCILE,), runs_created_for=(DEPLOY_DEPLOYMENT,)):
         if f"{deployment.flow_name}/{deployment.name}" in WARM_DEPLOYMENTS:
             deployment.apply()  # created (with its trigger) as `serve` would; the executor runs its runs
         else:

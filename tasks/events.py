@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from flywheel.core.events import (
     ALIAS_EVENT,
+    ALIAS_RUN_CREATED_EVENT,
     DRIFT_CHECKED_EVENT,
     DRIFT_EVENT,
     ROLLED_BACK_EVENT,
@@ -30,13 +31,14 @@ if TYPE_CHECKING:
 HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
 
 
-def send_event(event: str, resource: dict[str, str], payload: dict[str, Any]) -> Event:
+def send_event(event: str, resource: dict[str, str], payload: dict[str, Any], follows: Any = None) -> Event:
     """Send one event through Prefect's events client and return it; raise if it could not be sent (after the
-    client's own reconnection attempts)."""
+    client's own reconnection attempts). `follows`: the id of the event this one answers (Prefect's server then
+    evaluates triggers on that one first, whatever order they arrive in)."""
     from prefect.events import Event, get_events_client
     from prefect.utilities.asyncutils import run_coro_as_sync
 
-    sent = Event(event=event, resource=resource, payload=payload)
+    sent = Event(event=event, resource=resource, payload=payload, follows=follows)
 
     async def _send() -> None:
         async with get_events_client() as client:
@@ -73,6 +75,14 @@ def announce_alias_move(name: str, alias: str, version: str, source: str) -> Non
         resource=alias_event_resource(name, alias),
         payload={"name": name, "alias": alias, "version": version, "source": source},
     )
+
+
+def announce_run_created(event_id: Any, resource: dict[str, str], payload: dict[str, Any], flow_run_id: Any) -> Event:
+    """The alias move of event `event_id` (its `resource` and `payload`) has its deploy-model run (`flow_run_id`):
+    the fallback trigger stands down. Raises if it could not be sent (the trigger then starts a second run, which
+    finds the move deployed)."""
+    payload = {**{k: payload.get(k) for k in ("name", "alias", "version")}, "flow_run_id": str(flow_run_id)}
+    return send_event(ALIAS_RUN_CREATED_EVENT, resource, payload, follows=event_id)
 
 
 def announce_not_deployed(rec: DeploymentRecord) -> None:

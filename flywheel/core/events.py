@@ -11,6 +11,9 @@ VERSION_CREATED_EVENT = "mlflow.model_version.created"
 DRIFT_EVENT = "flywheel.drift.detected"  # check-drift decided to retrain: triggers train/on-drift
 DRIFT_CHECKED_EVENT = "flywheel.drift.checked"  # every drift verdict (the drift alert watches it)
 ROLLED_BACK_EVENT = "flywheel.deployment.rolled-back"
+# The warm executor created the deploy-model run of an alias event itself (resource: the alias event's); the
+# alias trigger of the embedded default fires only when this does not follow the alias event (a fallback).
+ALIAS_RUN_CREATED_EVENT = "flywheel.alias-move.run-created"
 
 
 def alias_event_resource(name: str, alias: str | None) -> dict[str, str]:

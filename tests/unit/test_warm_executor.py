@@ -184,3 +184,104 @@ def test_an_alias_event_prepares_the_version_on_its_server_only_for_a_watched_al
     finally:
         get_settings.cache_clear()
     assert list(warm.preparer) == prepared
+
+
+def test_serve_applies_the_alias_trigger_as_the_fallback_of_the_runs_the_executor_creates():
+    from flywheel.core.events import ALIAS_EVENT, ALIAS_RUN_CREATED_EVENT
+
+    built = {f"{d.flow_name}/{d.name}": d for d in definitions.build_deployments(
+        unscheduled=(serve.RECONCILE,), runs_created_for=(executor.DEPLOY_DEPLOYMENT,))}  # fmt: skip
+    (fallback,) = built[executor.DEPLOY_DEPLOYMENT].triggers
+    # Prefect's "expect X after Y": fires only when no run-created event follows the alias event in time, for the
+    # same model and alias, with the parameters the reactive trigger renders.
+    assert fallback.posture == "Proactive" and fallback.after == {ALIAS_EVENT}
+    assert fallback.expect == {ALIAS_RUN_CREATED_EVENT} and fallback.threshold == 1
+    assert fallback.for_each == {"prefect.resource.id", "mlflow.alias"}
+    assert fallback.within.total_seconds() == definitions.FALLBACK_SECONDS
+    plain = {f"{d.flow_name}/{d.name}": d for d in definitions.build_deployments()}
+    (reactive,) = plain[executor.DEPLOY_DEPLOYMENT].triggers  # without the executor: every event starts a run
+    assert reactive.posture == "Reactive" and reactive.expect == {ALIAS_EVENT}
+    assert fallback.name == reactive.name and fallback.parameters == reactive.parameters
+    assert fallback.match == reactive.match
+    with pytest.raises(ValueError, match="no created_event"):
+        definitions.DRIFT_TRIGGER.to_prefect(fallback=True)
+
+
+class FakeClient:
+    """Prefect's sync client as `_start_from_event` uses it: the deployment by name, then the run."""
+
+    def __init__(self, deployment_exists: bool = True) -> None:
+        self.deployment_exists = deployment_exists
+        self.created: list[dict] = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def read_deployment_by_name(self, name):
+        if not self.deployment_exists:
+            raise LookupError(name)
+        return type("D", (), {"id": f"id-of-{name}"})()
+
+    def create_flow_run_from_deployment(self, deployment_id, parameters, idempotency_key):
+        self.created.append({"deployment_id": deployment_id, "parameters": parameters, "key": idempotency_key})
+        return type("R", (), {"id": "run-1", "name": "brave-run"})()
+
+
+@pytest.fixture
+def starting(monkeypatch):
+    import prefect.client.orchestration as orchestration
+
+    client, said = FakeClient(), []
+    monkeypatch.setattr(orchestration, "get_client", lambda **k: client)
+    monkeypatch.setattr(events, "announce_run_created", lambda *a: said.append(a))
+    warm = executor.WarmExecutor.__new__(executor.WarmExecutor)  # no Prefect server: only the run creation
+    warm.flows, warm.deployment_ids, warm.submitted = {executor.DEPLOY_DEPLOYMENT: None}, {}, []
+    warm.rollbacks = {}
+    warm.submit = warm.submitted.append
+    return warm, client, said
+
+
+def test_an_alias_event_becomes_its_deploy_run_claimed_at_once_with_the_triggers_parameters(starting):
+    from flywheel.core.events import alias_event_resource
+
+    warm, client, said = starting
+    resource = alias_event_resource("m", "champion")
+    warm._start_from_event("ev-1", resource, {"name": "m", "alias": "champion", "version": 4, "delivery_id": "d"})
+    assert client.created == [{
+        "deployment_id": f"id-of-{executor.DEPLOY_DEPLOYMENT}", "key": "alias event ev-1",  # one run per event
+        "parameters": {"name": "m", "version": "4", "alias": "champion", "trigger": "event", "event_id": "ev-1"},
+    }]  # fmt: skip
+    assert set(client.created[0]["parameters"]) == set(definitions.ALIAS_TRIGGER.parameters)
+    assert warm.submitted == ["run-1"]  # claimed by this process, no sweep waited for
+    assert said == [("ev-1", resource, {"name": "m", "alias": "champion", "version": 4, "delivery_id": "d"}, "run-1")]
+
+
+def test_no_run_and_no_stand_down_when_the_deployment_or_the_version_is_missing(starting):
+    warm, client, said = starting
+    warm._start_from_event("ev-2", {}, {"name": "m", "alias": "champion"})  # an event naming no version
+    client.deployment_exists = False  # `serve` has not applied it yet: the fallback trigger will start the run
+    warm._start_from_event("ev-3", {}, {"name": "m", "alias": "champion", "version": "5"})
+    assert client.created == [] and warm.submitted == [] and said == []
+
+
+def test_the_move_a_rollback_running_here_made_is_left_to_it(starting, monkeypatch):
+    from flywheel.core.events import alias_event_resource
+    from flywheel.core.settings import get_settings
+
+    monkeypatch.setenv("FLYWHEEL_MODEL_NAME", "m")
+    get_settings.cache_clear()
+    warm, client, said = starting
+    warm.rollbacks = {"rb-1": {"name": None, "alias": "champion", "to_version": None}}  # the flow's defaults
+    try:
+        assert warm.rollback_moving("m", "challenger") is None and warm.rollback_moving("other", "champion") is None
+        warm._start_from_event("ev-4", alias_event_resource("m", "champion"),
+                               {"name": "m", "alias": "champion", "version": "3"})  # fmt: skip
+    finally:
+        get_settings.cache_clear()
+    # No second run to race the rollback's own deployment (which has no post-switch watch); the fallback trigger
+    # is told the rollback run deploys the move.
+    assert client.created == [] and warm.submitted == []
+    assert [run for *_, run in said] == ["rb-1"]
