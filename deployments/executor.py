@@ -10,9 +10,9 @@ executor changes who creates and who starts it:
   The trigger stays, as the fallback: in this process's deployments it is proactive and fires only when no
   `flywheel.alias-move.run-created` event follows the alias event within FALLBACK_SECONDS (the executor down,
   or Prefect's events lagging: that second run finds the move deployed). `prefect deployment run` works as ever;
-- it subscribes to `prefect.flow-run.Scheduled` events of the deployment and to the alias events whose trigger
-  creates them (after one it reads the Scheduled runs every BURST_SECONDS for a few seconds; otherwise every
-  `SWEEP_SECONDS`, in case an event was missed) and claims a due run by proposing Pending, exactly as Prefect's
+- it subscribes to `prefect.flow-run.Scheduled` events of the deployments (after the alias watch started a run
+  it reads the Scheduled runs every BURST_SECONDS for a few seconds; otherwise every `SWEEP_SECONDS`, in case an
+  event was missed) and claims a due run by proposing Pending, exactly as Prefect's
   runner does (the server accepts one Pending proposal). Prefect's runner in the same process does not serve these
   deployments (deployments/serve.py applies them itself): it would race the executor for a run and, when it won,
   start it in a cold interpreter;
@@ -43,10 +43,10 @@ logger = logging.getLogger("flywheel.executor")
 WARM_DEPLOYMENTS = ("deploy-model/on-alias", "rollback/manual", "reconcile/every-minute")
 SWEEP_SECONDS = 5.0  # the Scheduled runs are read this often too, for an event the subscription missed
 SCHEDULED_EVENT = "prefect.flow-run.Scheduled"
-# An alias event means a deploy-model run is about to be created by the trigger (Prefect's server evaluates it:
-# 0.3-3 s). From the event on, the Scheduled runs are read every BURST_SECONDS for BURST_WINDOW_SECONDS, so the run
-# is claimed the moment it exists even when its Scheduled event comes late or not at all (the 5 s sweep was the
-# wait seen in bench/latency's "flow run started" stage).
+# A run someone else is about to create (the alias watch's `start_deploy_run`, `expect_run`): from then on the
+# Scheduled runs are read every BURST_SECONDS for BURST_WINDOW_SECONDS, so the run is claimed the moment it exists
+# even when its Scheduled event comes late or not at all (the 5 s sweep was the wait seen in bench/latency's "flow
+# run started" stage). An alias event's own run is created and claimed here (`start_from_event`).
 BURST_SECONDS = 0.2
 BURST_WINDOW_SECONDS = 8.0
 GRACE_SECONDS = 1.5  # an alias found behind is looked at again after this: the webhook's event may be on its way
